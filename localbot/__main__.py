@@ -1,0 +1,3 @@
+from localbot.cli import main
+
+raise SystemExit(main())

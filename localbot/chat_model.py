@@ -1,0 +1,546 @@
+"""``ChatLlamaCpp``: a LangChain chat model over a local GGUF file, through llama-cpp-python.
+
+What it does differently from ``langchain_community.chat_models.ChatLlamaCpp``:
+
+* Token counts come from the model's own tokenizer, and ``get_num_tokens_from_messages`` is the
+  exact number of tokens llama.cpp evaluates for those messages: both are computed by the same
+  function (:meth:`ChatLlamaCpp.prompt_ids`), which is also what generation feeds to llama.cpp.
+* The prompt is built by us (``localbot.templates``), so message text never becomes control tokens
+  and a system message is never silently dropped.
+* Settings come from the model file (context length, RoPE) unless set; llama.cpp stays quiet.
+* Construction is cheap: the GGUF is opened on first use, once per instance, and one ``Llama`` is
+  never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from localbot.errors import ConfigError, ContextOverflowError, LocalbotError
+from localbot.gguf_file import GGUFInfo, read_gguf
+from localbot.runtime import load_llama, supports_gpu_offload
+from localbot.templates import BUILTIN_TEMPLATES, ChatTemplate, choose_builtin
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_CTX = 8192
+"""The default context is the model's trained one, capped here: KV memory grows with it."""
+
+_warned_no_template: set[str] = set()
+
+
+@dataclass
+class TurnStats:
+    """Timings of one generation, for ``/stats`` and the benchmark."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    time_to_first_token: float = 0.0
+    generation_seconds: float = 0.0
+    finish_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def evaluated_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        t = self.time_to_first_token
+        return self.evaluated_tokens / t if t > 0 else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        n, t = self.output_tokens - 1, self.generation_seconds
+        return n / t if n > 0 and t > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "evaluated_tokens": self.evaluated_tokens,
+            "output_tokens": self.output_tokens,
+            "time_to_first_token_s": round(self.time_to_first_token, 4),
+            "prompt_tokens_per_s": round(self.prompt_tokens_per_second, 1),
+            "generation_tokens_per_s": round(self.generation_tokens_per_second, 1),
+        }
+
+
+def message_role(message: BaseMessage) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant"):
+        return message.role
+    # Human, tool and unknown roles are read as user text: no template here knows "tool".
+    return "user"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop sequence, across token boundaries."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop sequence was reached)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class ChatLlamaCpp(BaseChatModel):
+    """A LangChain chat model over a local GGUF model file, run by llama.cpp.
+
+    Example:
+        .. code-block:: python
+
+            from localbot import ChatLlamaCpp
+
+            model = ChatLlamaCpp(model_path="models/qwen2.5-0.5b-instruct-q4_k_m.gguf")
+            model.invoke([("system", "Be brief."), ("human", "Hi!")])
+    """
+
+    # A misspelt setting is an error, not silently ignored.
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+
+    model_path: str
+    """Path to the GGUF model file."""
+    n_ctx: int | None = None
+    """Context window in tokens. Default: the model's trained context, capped at 8192."""
+    n_gpu_layers: int | None = None
+    """Layers to offload to the GPU. Default: all when this llama.cpp build can offload, else 0."""
+    n_threads: int | None = None
+    """CPU threads for generation. Default: llama.cpp's choice."""
+    n_batch: int = 512
+    """Prompt tokens evaluated per llama.cpp batch."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 means greedy (deterministic) decoding."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold."""
+    top_k: int = 40
+    """Sample only among the k most likely tokens."""
+    min_p: float = 0.05
+    """Drop tokens less likely than min_p times the most likely one."""
+    repeat_penalty: float = 1.0
+    """Penalty for repeating recent tokens (1.0 = none)."""
+    max_tokens: int | None = 512
+    """Longest reply in tokens; None lets a reply fill the rest of the context."""
+    seed: int | None = None
+    """Random seed for sampling; None picks a fresh one per call."""
+    stop: list[str] | None = None
+    """Stop sequences: generation ends before any of them and they are not returned."""
+    chat_format: str | None = None
+    """Override the chat template: a built-in name (gemma, llama3, chatml, mistral, phi3) or Jinja
+    source. Default: the GGUF's own template, else a built-in chosen from its architecture."""
+    rope_freq_base: float = 0.0
+    """RoPE base frequency; 0 takes the model file's value."""
+    rope_freq_scale: float = 0.0
+    """RoPE frequency scale; 0 takes the model file's value."""
+    swa_full: bool = True
+    """Keep a full-size cache for sliding-window layers (Gemma 3), so the KV cache prefix of an
+    earlier turn can be reused exactly instead of being recomputed."""
+    verbose: bool = False
+    """Let llama.cpp's own log through to stderr."""
+    timeout: float | None = None
+    """Wall-clock limit in seconds for one reply; generation stops there (finish_reason
+    "timeout") and the text so far is returned."""
+    max_retries: int = 0
+    """LangChain's standard parameter; a local model has no transient failures to retry."""
+    streaming: bool = False
+    """Generate through the streaming path even in ``invoke`` (callbacks see every token)."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for ``llama_cpp.Llama``."""
+
+    _llama: Any = PrivateAttr(default=None)
+    _vocab: Any = PrivateAttr(default=None)
+    _info: GGUFInfo | None = PrivateAttr(default=None)
+    _template: ChatTemplate | None = PrivateAttr(default=None)
+    _load_lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
+    _run_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _last_stats: TurnStats | None = PrivateAttr(default=None)
+    _load_seconds: float | None = PrivateAttr(default=None)
+    _piece_cache: dict[tuple[str, bool], tuple[int, ...]] = PrivateAttr(default_factory=dict)
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def _llm_type(self) -> str:
+        return "localbot-llamacpp"
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model_path).name
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "n_ctx": self.n_ctx,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+            "chat_format": self.chat_format,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="llamacpp",
+            ls_model_name=self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = stops
+        return params
+
+    # ----------------------------------------------------------------- loading
+    @property
+    def gguf(self) -> GGUFInfo:
+        """The model file's header (validated: missing/non-GGUF/truncated files raise)."""
+        with self._load_lock:
+            if self._info is None:
+                self._info = read_gguf(self.model_path)
+            return self._info
+
+    @property
+    def context_window(self) -> int:
+        """The context size in tokens this model runs with."""
+        if self._llama is not None:
+            return int(self._llama.n_ctx())
+        if self.n_ctx:
+            return self.n_ctx
+        return min(self.gguf.context_length or 4096, MAX_DEFAULT_CTX)
+
+    @property
+    def gpu_layers(self) -> int:
+        if self.n_gpu_layers is not None:
+            return self.n_gpu_layers
+        return -1 if supports_gpu_offload() else 0
+
+    @property
+    def load_seconds(self) -> float | None:
+        return self._load_seconds
+
+    @property
+    def last_stats(self) -> TurnStats | None:
+        """Timings of the most recent generation."""
+        return self._last_stats
+
+    def load(self) -> Any:
+        """Open the model (once) and return the ``llama_cpp.Llama``."""
+        with self._load_lock:
+            if self._llama is None:
+                info = self.gguf
+                params: dict[str, Any] = {
+                    "n_ctx": self.context_window,
+                    "n_batch": min(self.n_batch, self.context_window),
+                    "n_gpu_layers": self.gpu_layers,
+                    "rope_freq_base": self.rope_freq_base,
+                    "rope_freq_scale": self.rope_freq_scale,
+                    "swa_full": self.swa_full,
+                    **self.model_kwargs,
+                }
+                if self.n_threads:
+                    params["n_threads"] = self.n_threads
+                if self.seed is not None:
+                    params["seed"] = self.seed
+                start = time.perf_counter()
+                self._llama = load_llama(info.path, verbose=self.verbose, **params)
+                self._load_seconds = time.perf_counter() - start
+            return self._llama
+
+    def _tokenizer(self) -> Any:
+        """The loaded model if there is one, else a vocabulary-only load (fast, no weights)."""
+        with self._load_lock:
+            if self._llama is not None:
+                return self._llama
+            if self._vocab is None:
+                self._vocab = load_llama(self.gguf.path, verbose=self.verbose, vocab_only=True)
+            return self._vocab
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat template in use (see ``chat_format``)."""
+        with self._load_lock:
+            if self._template is None:
+                self._template = self._resolve_template()
+            return self._template
+
+    def _resolve_template(self) -> ChatTemplate:
+        tok = self._tokenizer()
+        bos = tok.detokenize([tok.token_bos()], special=True).decode("utf-8", "replace")
+        eos = tok.detokenize([tok.token_eos()], special=True).decode("utf-8", "replace")
+        fmt = self.chat_format
+        if fmt and ("{%" in fmt or "{{" in fmt):
+            return ChatTemplate(fmt, "custom", bos, eos)
+        if fmt:
+            return ChatTemplate.builtin(fmt, bos, eos)
+        if self.gguf.chat_template:
+            return ChatTemplate(self.gguf.chat_template, "gguf", bos, eos)
+        name = choose_builtin(self.gguf.architecture, self._is_single_special_token)
+        if self.model_path not in _warned_no_template:
+            _warned_no_template.add(self.model_path)
+            log.warning(
+                "%s has no chat template; using the built-in %r format for architecture %r "
+                "(set chat_format / --chat-format to override)",
+                self.model_name, name, self.gguf.architecture,
+            )
+        return ChatTemplate(BUILTIN_TEMPLATES[name], name, bos, eos)
+
+    def _is_single_special_token(self, text: str) -> bool:
+        return len(self._tokenizer().tokenize(text.encode(), add_bos=False, special=True)) == 1
+
+    # ----------------------------------------------------------------- counting
+    def _tokenize_piece(self, text: str, special: bool) -> tuple[int, ...]:
+        # Template markup and old messages repeat every turn: cache their ids.
+        key = (text, special)
+        ids = self._piece_cache.get(key)
+        if ids is None:
+            tok = self._tokenizer()
+            ids = tuple(tok.tokenize(text.encode("utf-8"), add_bos=False, special=special))
+            if len(self._piece_cache) >= 8192:
+                self._piece_cache.clear()
+            self._piece_cache[key] = ids
+        return ids
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain content (no BOS, special-token text stays text)."""
+        return list(self._tokenize_piece(text, False))
+
+    def get_num_tokens(self, text: str) -> int:
+        return len(self.get_token_ids(text))
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Exactly the number of prompt tokens llama.cpp evaluates for ``messages``: chat
+        template, generation prompt and BOS included."""
+        if tools:
+            raise LocalbotError("ChatLlamaCpp does not support tools")
+        return len(self.prompt_ids(messages))
+
+    def prompt_ids(self, messages: Sequence[BaseMessage]) -> list[int]:
+        """The token ids llama.cpp is given for ``messages`` (with the generation prompt)."""
+        turns = [{"role": message_role(m), "content": m.text} for m in messages]
+        ids: list[int] = []
+        for piece in self.template.pieces(turns, add_generation_prompt=True):
+            ids.extend(self._tokenize_piece(piece.text, not piece.is_content))
+        bos = self._bos_to_add()
+        if bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def _bos_to_add(self) -> int | None:
+        """The BOS id when the model wants one at the start of every prompt, else None."""
+        import llama_cpp
+
+        tok = self._tokenizer()
+        if not llama_cpp.llama_vocab_get_add_bos(tok._model.vocab):
+            return None
+        bos = tok.token_bos()
+        return bos if bos >= 0 else None
+
+    # ----------------------------------------------------------------- generation
+    def _run(
+        self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
+    ) -> Iterator[str | TurnStats]:
+        """Generate a reply: yields text pieces, then one TurnStats."""
+        if kwargs.get("model") not in (None, self.model_name, self.model_path):
+            raise ConfigError(
+                "ChatLlamaCpp runs the one GGUF file it was created with; "
+                "make another ChatLlamaCpp to use another model"
+            )
+        prompt = self.prompt_ids(messages)
+        llama = self.load()
+        n_ctx = int(llama.n_ctx())
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is None:
+            max_tokens = n_ctx - len(prompt)
+        if len(prompt) + max_tokens > n_ctx or max_tokens <= 0:
+            raise ContextOverflowError(
+                f"the prompt is {len(prompt)} tokens and the reply may take {max_tokens}: "
+                f"{len(prompt) + max_tokens} > the context window of {n_ctx} tokens "
+                "(shorten the conversation, lower max_tokens or raise n_ctx)"
+            )
+        stops = [*(self.stop or []), *(stop or [])]
+        with self._run_lock:
+            yield from self._decode(llama, prompt, max_tokens, stops, kwargs)
+
+    def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "temp": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+            "top_k": kwargs.get("top_k", self.top_k),
+            "min_p": kwargs.get("min_p", self.min_p),
+            "repeat_penalty": kwargs.get("repeat_penalty", self.repeat_penalty),
+        }
+
+    def _decode(
+        self, llama: Any, prompt: list[int], max_tokens: int, stops: list[str], kwargs: dict
+    ) -> Iterator[str | TurnStats]:
+        import llama_cpp
+
+        seed = kwargs.get("seed", self.seed)
+        llama.set_seed(seed if seed is not None else random.randint(0, 2**31 - 1))
+        stats = TurnStats(prompt_tokens=len(prompt))
+        common = _common_prefix(llama._input_ids.tolist(), prompt)
+        # A fully cached prompt still has its last token replayed to refresh the logits.
+        stats.cached_tokens = common if common < len(prompt) else len(prompt) - 1
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = _StopMatcher(stops)
+        vocab = llama._model.vocab
+        start = time.perf_counter()
+        timeout = kwargs.get("timeout", self.timeout)
+        deadline = start + timeout if timeout else None
+        first = None
+        stats.finish_reason = "length"
+        tokens = llama.generate(prompt, reset=True, **self._sampling(kwargs))
+        try:
+            for token in tokens:
+                if first is None:
+                    first = time.perf_counter()
+                    stats.time_to_first_token = first - start
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    stats.finish_reason = "stop"
+                    break
+                stats.output_tokens += 1
+                text, stopped = matcher.feed(decoder.decode(llama.detokenize([token])))
+                if text:
+                    yield text
+                if stopped:
+                    stats.finish_reason = "stop"
+                    break
+                if stats.output_tokens >= max_tokens:
+                    break
+                if deadline is not None and time.perf_counter() > deadline:
+                    stats.finish_reason = "timeout"
+                    break
+        finally:
+            tokens.close()
+            if first is not None:
+                stats.generation_seconds = time.perf_counter() - first
+            self._last_stats = stats
+        # Text held back as a possible stop-sequence start is real text when no stop matched
+        # (after a match the matcher holds nothing).
+        tail, _ = matcher.feed(decoder.decode(b"", final=True))
+        tail += matcher.flush()
+        if tail:
+            yield tail
+        yield stats
+
+    def _result_metadata(self, stats: TurnStats) -> tuple[dict[str, Any], dict[str, Any]]:
+        usage = {
+            "input_tokens": stats.prompt_tokens,
+            "output_tokens": stats.output_tokens,
+            "total_tokens": stats.prompt_tokens + stats.output_tokens,
+            "input_token_details": {"cache_read": stats.cached_tokens},
+        }
+        response = {
+            "model_name": self.model_name,
+            "model_provider": "llamacpp",
+            "finish_reason": stats.finish_reason,
+            "timings": stats.as_dict(),
+        }
+        return usage, response
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        parts: list[str] = []
+        stats = TurnStats()
+        for item in self._run(messages, stop, **kwargs):
+            if isinstance(item, TurnStats):
+                stats = item
+            else:
+                parts.append(item)
+        usage, response = self._result_metadata(stats)
+        message = AIMessage(
+            content="".join(parts), usage_metadata=usage, response_metadata=response
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for item in self._run(messages, stop, **kwargs):
+            if isinstance(item, TurnStats):
+                usage, response = self._result_metadata(item)
+                chunk = AIMessageChunk(
+                    content="",
+                    usage_metadata=usage,
+                    response_metadata=response,
+                    chunk_position="last",
+                )
+                yield ChatGenerationChunk(message=chunk)
+                return
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
+            if run_manager:
+                run_manager.on_llm_new_token(item, chunk=chunk)
+            yield chunk
+
+
+__all__ = ["MAX_DEFAULT_CTX", "ChatLlamaCpp", "HumanMessage", "TurnStats"]

@@ -1,0 +1,52 @@
+"""The one error hierarchy. Messages say what went wrong and what to do; only the CLI turns
+these into exit codes (see ``localbot.cli``)."""
+
+from __future__ import annotations
+
+
+class LocalbotError(Exception):
+    """A problem the user can fix. ``str(err)`` is a one-line message meant for them."""
+
+    exit_code = 1
+
+
+class ConfigError(LocalbotError):
+    """Bad settings, flags or template variables."""
+
+    exit_code = 2
+
+
+class ModelFileError(LocalbotError):
+    """The model file is missing, is not GGUF, or is truncated/corrupt."""
+
+    exit_code = 3
+
+
+class ModelLoadError(LocalbotError):
+    """llama.cpp could not load the model or allocate its context."""
+
+    exit_code = 3
+
+
+class ContextOverflowError(LocalbotError):
+    """The prompt plus the reply budget does not fit in the context window."""
+
+    exit_code = 4
+
+
+class SessionError(LocalbotError):
+    """A session file is corrupt or foreign, or a session id is not allowed."""
+
+    exit_code = 5
+
+
+class DownloadError(LocalbotError):
+    """A model could not be fetched or failed verification."""
+
+    exit_code = 6
+
+
+class ManifestError(LocalbotError):
+    """models/manifest.json is unreadable, or a model does not match what it records."""
+
+    exit_code = 6
