@@ -339,7 +339,9 @@ class ChatLlamaCpp(BaseChatModel):
             log.warning(
                 "%s has no chat template; using the built-in %r format for architecture %r "
                 "(set chat_format / --chat-format to override)",
-                self.model_name, name, self.gguf.architecture,
+                self.model_name,
+                name,
+                self.gguf.architecture,
             )
         return ChatTemplate(BUILTIN_TEMPLATES[name], name, bos, eos)
 

@@ -2,8 +2,8 @@
 
 llama.cpp reports a wrong or damaged file as a C-level log line and a generic ``ValueError``;
 reading the header ourselves lets us say exactly what is wrong (missing, not GGUF, unsupported
-version, truncated) and gives cheap access to the metadata (architecture, chat template, trained context)
-without loading any weights. Only scalar and string metadata values are kept; arrays (the
+version, truncated) and gives cheap access to the metadata (architecture, chat template, trained
+context) without loading any weights. Only scalar and string metadata values are kept; arrays (the
 vocabulary) are skipped over.
 """
 
@@ -22,16 +22,43 @@ DEFAULT_ALIGNMENT = 32
 
 # GGUF value types -> struct format for scalars.
 _SCALARS = {
-    0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d",
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
 }
 _STRING, _ARRAY = 8, 9
 
 # ggml tensor types -> (elements per block, bytes per block), for the truncation check.
 # Types missing here are skipped by that check (llama.cpp still checks bounds when loading).
 _TYPE_SIZES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-    15: (256, 292), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 30: (1, 2),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    30: (1, 2),
 }
 
 
@@ -71,8 +98,7 @@ class _Reader:
         data = self.fh.read(n)
         if len(data) != n:
             raise ModelFileError(
-                f"{self.path} is truncated (its GGUF header ends early); "
-                "download or copy it again"
+                f"{self.path} is truncated (its GGUF header ends early); download or copy it again"
             )
         return data
 

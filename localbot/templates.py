@@ -70,10 +70,20 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 _NO_SYSTEM_ROLE = {"gemma", "mistral"}
 
 _ARCHITECTURES = {
-    "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma",
-    "qwen": "chatml", "qwen2": "chatml", "qwen2moe": "chatml", "qwen3": "chatml",
-    "qwen3moe": "chatml", "qwen2vl": "chatml", "internlm2": "chatml",
-    "phi3": "phi3", "mistral": "mistral", "mistral3": "mistral",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "qwen": "chatml",
+    "qwen2": "chatml",
+    "qwen2moe": "chatml",
+    "qwen3": "chatml",
+    "qwen3moe": "chatml",
+    "qwen2vl": "chatml",
+    "internlm2": "chatml",
+    "phi3": "phi3",
+    "mistral": "mistral",
+    "mistral3": "mistral",
 }
 
 # The ``llama`` architecture covers Llama 2/3, Mistral and SmolLM: the vocabulary tells them apart.
@@ -155,9 +165,7 @@ class ChatTemplate:
     def pieces(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True):
         """Render ``messages`` ({role, content} dicts) into markup and content pieces."""
         messages = merge_system(messages) if not self.supports_system else list(messages)
-        masked = [
-            {**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)
-        ]
+        masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
         try:
             rendered = self._render(masked, add_generation_prompt)
         except Exception as err:

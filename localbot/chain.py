@@ -1,0 +1,355 @@
+"""The chatbot: one chain per turn, with the session loaded before and saved around it.
+
+Every turn runs ``trim → prompt → (save the human turn, restore KV state) → model``:
+
+* **trim** keeps the newest history that fits ``n_ctx - max_tokens`` exactly (the system prompt and
+  the template's own tokens counted), starting on a human turn; see ``localbot.trimming``.
+* **prompt** is a ``ChatPromptTemplate``: the system prompt (with ``{variables}``), then
+  ``MessagesPlaceholder("messages")``.
+* The human turn is written to the session before generation starts, so a crash mid-reply never
+  loses what the user typed; the reply is written when it completes, and a reply that is cut
+  short (Ctrl-C, an abandoned stream, an error) is saved as far as it got and marked
+  ``response_metadata["interrupted"]``.
+
+Built from non-deprecated langchain-core parts (``RunnableWithMessageHistory`` is deprecated and
+saves nothing when a run is interrupted).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.runnables.config import ensure_config
+
+from localbot.chat_model import ChatLlamaCpp
+from localbot.errors import ConfigError
+from localbot.sessions import SessionHistory, SessionStore
+from localbot.trimming import DEFAULT_WATERMARK, TrimPlan, plan_trim
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_SESSION = "default"
+
+_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
+
+
+def escape_system_prompt(text: str) -> str:
+    """Make ``text`` a safe f-string template: ``{name}`` stays a variable, ``{{``/``}}`` stay
+    literal braces, and every other brace (JSON, code) is literal too."""
+
+    def repl(match: re.Match[str]) -> str:
+        if match.group(1):
+            return match.group(0)
+        token = match.group(0)
+        return {"{{": "{{", "}}": "}}", "{": "{{", "}": "}}"}[token]
+
+    return _FIELD.sub(repl, text)
+
+
+def make_prompt(system_prompt: str | None) -> ChatPromptTemplate:
+    parts: list[Any] = []
+    if system_prompt:
+        parts.append(("system", escape_system_prompt(system_prompt)))
+    parts.append(MessagesPlaceholder("messages"))
+    return ChatPromptTemplate.from_messages(parts)
+
+
+def _as_messages(value: Any) -> list[BaseMessage]:
+    if isinstance(value, str):
+        return [HumanMessage(value)]
+    if isinstance(value, BaseMessage):
+        return [value]
+    if isinstance(value, Sequence):
+        messages = []
+        for item in value:
+            if isinstance(item, BaseMessage):
+                messages.append(item)
+            elif isinstance(item, str):
+                messages.append(HumanMessage(item))
+            else:
+                raise ConfigError(f"expected messages, got {type(item).__name__}")
+        return messages
+    raise ConfigError(f"expected a message or a list of messages, got {type(value).__name__}")
+
+
+@dataclass
+class _Turn:
+    """What one call knows while it runs."""
+
+    session_id: str
+    history: SessionHistory
+    new: list[BaseMessage]
+    plan: TrimPlan | None = None
+    max_tokens: int | None = None
+    saved_human: bool = False
+    chunks: list[AIMessageChunk] = field(default_factory=list)
+
+
+class Chatbot(Runnable[dict[str, Any], BaseMessage]):
+    """A session-aware chat Runnable (see ``build_chatbot``).
+
+    Input: ``{"messages": [...new messages...], **template_variables}``; config:
+    ``{"configurable": {"session_id": "abc"}}``. ``invoke`` returns the reply ``AIMessage``;
+    ``stream`` yields its ``AIMessageChunk``s.
+    """
+
+    def __init__(
+        self,
+        model: ChatLlamaCpp,
+        store: SessionStore,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        *,
+        variables: Mapping[str, Any] | None = None,
+        trim_watermark: float = DEFAULT_WATERMARK,
+        kv_cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.variables = dict(variables or {})
+        self.trim_watermark = trim_watermark
+        self.kv_cache = kv_cache
+        self.system_prompt = system_prompt
+        self._kv_threads: list[threading.Thread] = []
+        self._turn_overhead: int | None = None
+
+    # -------------------------------------------------------------- settings
+    @property
+    def system_prompt(self) -> str | None:
+        return self._system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, text: str | None) -> None:
+        self._system_prompt = text
+        self.prompt = make_prompt(text)
+
+    def reply_budget(self, max_tokens: int | None = None) -> int:
+        """Tokens kept free for the reply."""
+        return max_tokens or self.model.max_tokens or max(1, self.model.context_window // 4)
+
+    def prompt_budget(self, max_tokens: int | None = None) -> int:
+        return self.model.context_window - self.reply_budget(max_tokens)
+
+    def check_variables(self, values: Mapping[str, Any]) -> None:
+        missing = sorted(set(self.prompt.input_variables) - {"messages"} - set(values))
+        if missing:
+            names = ", ".join("{" + m + "}" for m in missing)
+            flags = " ".join(f"--var {m}=VALUE" for m in missing)
+            raise ConfigError(
+                f"the system prompt uses {names} but no value was given (pass {flags}, "
+                "or write {{ and }} for literal braces)"
+            )
+
+    # -------------------------------------------------------------- counting
+    def prompt_messages(self, values: Mapping[str, Any], history: Sequence[BaseMessage]):
+        return self.prompt.invoke({**values, "messages": list(history)}).to_messages()
+
+    def _message_cost(self, message: BaseMessage) -> int:
+        if self._turn_overhead is None:
+            one = self.model.get_num_tokens_from_messages([HumanMessage("")])
+            self._turn_overhead = one - self.model.get_num_tokens_from_messages([])
+        return self.model.get_num_tokens(message.text) + self._turn_overhead
+
+    def plan(
+        self,
+        values: Mapping[str, Any],
+        history: Sequence[BaseMessage],
+        max_tokens: int | None = None,
+    ) -> TrimPlan:
+        """Where the history will be cut for the next turn, and how full the context is."""
+        return plan_trim(
+            history,
+            count_prompt=lambda msgs: self.model.get_num_tokens_from_messages(
+                self.prompt_messages(values, msgs)
+            ),
+            message_cost=self._message_cost,
+            budget=self.prompt_budget(max_tokens),
+            watermark=self.trim_watermark,
+        )
+
+    # -------------------------------------------------------------- the chain
+    def _values(self, input: Mapping[str, Any]) -> dict[str, Any]:
+        values = {**self.variables, **{k: v for k, v in input.items() if k != "messages"}}
+        self.check_variables(values)
+        return values
+
+    def _trim_step(self, turn: _Turn):
+        def trim(chain_input: dict[str, Any]) -> list[BaseMessage]:
+            values = {k: v for k, v in chain_input.items() if k != "messages"}
+            turn.plan = self.plan(values, chain_input["messages"], turn.max_tokens)
+            return chain_input["messages"][turn.plan.start :]
+
+        return RunnableLambda(trim, name="trim_history")
+
+    def _before_model_step(self, turn: _Turn):
+        def before_model(prompt_value: Any) -> Any:
+            turn.history.add_messages(turn.new)
+            turn.saved_human = True
+            if self.kv_cache:
+                self._restore_kv(turn.session_id, prompt_value.to_messages())
+            return prompt_value
+
+        return RunnableLambda(before_model, name="save_turn_and_restore_cache")
+
+    def chain_for(self, turn: _Turn, **model_kwargs: Any) -> Runnable:
+        """trim → prompt → (save the human turn, restore the KV cache) → model."""
+        from langchain_core.runnables import RunnablePassthrough
+
+        turn.max_tokens = model_kwargs.get("max_tokens")
+        model = self.model.bind(**model_kwargs) if model_kwargs else self.model
+        return (
+            RunnablePassthrough.assign(messages=self._trim_step(turn))
+            | self.prompt
+            | self._before_model_step(turn)
+            | model
+        )
+
+    # -------------------------------------------------------------- running
+    def _start(self, input: Any, config: RunnableConfig | None) -> tuple[_Turn, dict]:
+        if not isinstance(input, Mapping) or "messages" not in input:
+            raise ConfigError('the chatbot takes {"messages": [...], **variables}')
+        config = ensure_config(config)
+        session_id = config.get("configurable", {}).get("session_id") or DEFAULT_SESSION
+        history = self.store.get(session_id)
+        values = self._values(input)
+        turn = _Turn(session_id, history, _as_messages(input["messages"]))
+        return turn, {**values, "messages": history.messages + turn.new}
+
+    def stream(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
+        turn, chain_input = self._start(input, config)
+        outcome = "error"
+        inner = self.chain_for(turn, **kwargs).stream(chain_input, config)
+        try:
+            for chunk in inner:
+                turn.chunks.append(chunk)
+                yield chunk
+            outcome = "complete"
+        except GeneratorExit:
+            outcome = "abandoned"
+            raise
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        finally:
+            inner.close()  # stops generation now and frees the model for the next turn
+            self._finish(turn, outcome)
+
+    def invoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        chunks = list(self.stream(input, config, **kwargs))
+        return _to_message(chunks)
+
+    def _finish(self, turn: _Turn, outcome: str) -> None:
+        if not turn.saved_human:
+            return  # failed before generation (bad input): nothing to save
+        reply = _to_message(turn.chunks)
+        if outcome != "complete":
+            reply.response_metadata = {
+                **reply.response_metadata,
+                "model_name": self.model.model_name,
+                "interrupted": True,
+                "finish_reason": outcome,
+            }
+        turn.history.add_messages([reply])
+        if self.kv_cache and outcome == "complete":
+            self._save_kv(turn.session_id)
+
+    # -------------------------------------------------------------- KV state
+    def _kv_path(self, session_id: str):
+        return self.store.path_for(session_id).with_suffix(".kvstate")
+
+    def _restore_kv(self, session_id: str, messages: list[BaseMessage]) -> None:
+        try:
+            from localbot import kv_state
+        except ImportError:  # pragma: no cover - module optional during development
+            return
+        self.wait_for_saves()
+        prompt_ids = self.model.prompt_ids(messages)
+        kv_state.restore_state(self.model, self._kv_path(session_id), prompt_ids)
+
+    def _save_kv(self, session_id: str) -> None:
+        try:
+            from localbot import kv_state
+        except ImportError:  # pragma: no cover
+            return
+        path = self._kv_path(session_id)
+
+        def save() -> None:
+            try:
+                kv_state.save_state(self.model, path)
+            except Exception:  # a cache that fails to save costs speed, never data
+                log.debug("could not save KV state to %s", path, exc_info=True)
+
+        # Saving ~18 KB per token takes a moment: do it while the user reads and types.
+        thread = threading.Thread(target=save, name="localbot-kv-save", daemon=True)
+        thread.start()
+        self._kv_threads.append(thread)
+
+    def wait_for_saves(self) -> None:
+        """Block until background KV-state saves are on disk (call before exiting)."""
+        while self._kv_threads:
+            self._kv_threads.pop().join()
+
+
+def _to_message(chunks: Sequence[AIMessageChunk]) -> AIMessage:
+    if not chunks:
+        return AIMessage(content="")
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    return AIMessage(
+        content=full.content,
+        response_metadata=dict(full.response_metadata),
+        usage_metadata=full.usage_metadata,
+        id=full.id,
+    )
+
+
+def build_chatbot(
+    model: ChatLlamaCpp,
+    store: SessionStore,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    *,
+    variables: Mapping[str, Any] | None = None,
+    trim_watermark: float = DEFAULT_WATERMARK,
+    kv_cache: bool = True,
+) -> Chatbot:
+    """A Runnable chatbot over ``model`` that keeps each session in ``store``.
+
+    Example:
+        .. code-block:: python
+
+            bot = build_chatbot(model, SessionStore(), "Answer in {language}.")
+            bot.invoke(
+                {"messages": [HumanMessage("hi! I'm Todd")], "language": "Spanish"},
+                config={"configurable": {"session_id": "abc"}},
+            )
+    """
+    return Chatbot(
+        model,
+        store,
+        system_prompt,
+        variables=variables,
+        trim_watermark=trim_watermark,
+        kv_cache=kv_cache,
+    )
+
+
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "Chatbot", "SystemMessage", "build_chatbot"]

@@ -1,0 +1,320 @@
+"""The interactive chat: prompt_toolkit line editing and history, streamed replies, slash
+commands. ``run_repl`` is a plain function over a Chatbot, so tests can drive it directly or
+through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TextIO
+
+from langchain_core.messages import HumanMessage
+
+from localbot.chain import DEFAULT_SYSTEM_PROMPT, Chatbot
+from localbot.errors import ContextOverflowError, LocalbotError
+from localbot.sessions import validate_session_id
+
+HELP = """\
+Type a message and press Enter. Alt-Enter (or Esc then Enter) adds a new line; a message that
+starts with triple quotes \"\"\" continues until a line that ends with \"\"\".
+Ctrl-C stops a reply (the partial text is kept); Ctrl-D or /exit quits.
+
+  /help             this help
+  /new [NAME]       start a new session (named NAME, or by date)
+  /sessions         list sessions
+  /switch NAME      switch to session NAME (created if new)
+  /history          show this session's messages
+  /system [TEXT]    show or set the system prompt (saved with the session)
+  /clear            forget this session's messages
+  /tokens           how full the context is and what the next trim drops
+  /stats            last reply: time to first token, prompt and generation speed
+  /exit             quit"""
+
+
+@dataclass
+class ReplState:
+    bot: Chatbot
+    session: str
+    out: TextIO = sys.stdout
+    process_system: str | None = None  # --system, applies to sessions without their own
+    commands: dict[str, Callable[[ReplState, str], bool | None]] = field(default_factory=dict)
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"configurable": {"session_id": self.session}}
+
+    def history(self):
+        return self.bot.store.get(self.session)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_help(state: ReplState, arg: str) -> None:
+    state.say(HELP)
+
+
+def cmd_exit(state: ReplState, arg: str) -> bool:
+    return True
+
+
+def _switch(state: ReplState, name: str) -> None:
+    from localbot.session_settings import load_settings
+
+    validate_session_id(name)
+    state.session = name
+    saved = load_settings(state.bot.store, name)
+    state.bot.system_prompt = saved.get("system", state.process_system or DEFAULT_SYSTEM_PROMPT)
+    state.bot.variables = {**state.bot.variables, **saved.get("vars", {})}
+    count = len(state.history().messages)
+    status = f"resumed, {count} messages" if state.bot.store.exists(name) else "new"
+    state.say(f"session {name!r} ({status})")
+
+
+def cmd_new(state: ReplState, arg: str) -> None:
+    name = arg.strip() or datetime.now().strftime("chat-%Y%m%d-%H%M%S")
+    validate_session_id(name)
+    if state.bot.store.exists(name):
+        state.say(f"session {name!r} already exists; use /switch {name}")
+        return
+    _switch(state, name)
+
+
+def cmd_switch(state: ReplState, arg: str) -> None:
+    if not arg.strip():
+        state.say("usage: /switch NAME  (see /sessions)")
+        return
+    _switch(state, arg.strip())
+
+
+def cmd_sessions(state: ReplState, arg: str) -> None:
+    sessions = state.bot.store.list()
+    if not sessions:
+        state.say("no saved sessions yet")
+    for info in sessions:
+        mark = "*" if info.id == state.session else " "
+        count = "corrupt" if info.corrupt else f"{info.message_count} messages"
+        when = info.updated.astimezone().strftime("%Y-%m-%d %H:%M")
+        state.say(f"{mark} {info.id:<24} {count:>14}  {when}")
+
+
+def cmd_history(state: ReplState, arg: str) -> None:
+    messages = state.history().messages
+    if not messages:
+        state.say("(no messages yet)")
+    for m in messages:
+        who = {"human": "you", "ai": "bot", "system": "system"}.get(m.type, m.type)
+        mark = " [interrupted]" if m.response_metadata.get("interrupted") else ""
+        state.say(f"{who}{mark}: {m.text}")
+
+
+def cmd_system(state: ReplState, arg: str) -> None:
+    from localbot.session_settings import save_settings
+
+    if not arg.strip():
+        state.say(f"system prompt: {state.bot.system_prompt or '(none)'}")
+        return
+    previous = state.bot.system_prompt
+    state.bot.system_prompt = arg.strip()
+    try:
+        state.bot.check_variables(state.bot.variables)
+    except LocalbotError:
+        state.bot.system_prompt = previous
+        raise
+    save_settings(
+        state.bot.store,
+        state.session,
+        {"system": state.bot.system_prompt, "vars": state.bot.variables},
+    )
+    state.say("system prompt set for this session")
+
+
+def cmd_clear(state: ReplState, arg: str) -> None:
+    state.history().clear()
+    try:
+        from localbot import kv_state
+
+        kv_state.remove_state(state.bot._kv_path(state.session))
+    except ImportError:  # pragma: no cover
+        pass
+    state.say(f"session {state.session!r} cleared")
+
+
+def cmd_tokens(state: ReplState, arg: str) -> None:
+    bot = state.bot
+    history = state.history().messages
+    values = bot.variables
+    n_ctx, budget = bot.model.context_window, bot.prompt_budget()
+    now = bot.model.get_num_tokens_from_messages(bot.prompt_messages(values, history))
+    state.say(
+        f"context window {n_ctx} tokens = prompt budget {budget} + reply {bot.reply_budget()}"
+    )
+    state.say(
+        f"this session: {len(history)} messages, {now} prompt tokens "
+        f"({100 * now / budget:.0f}% of the budget)"
+    )
+    try:
+        plan = bot.plan(values, [*history, HumanMessage("")])
+    except ContextOverflowError as err:
+        state.say(f"next turn: {err}")
+        return
+    if plan.dropped:
+        state.say(
+            f"next turn: the oldest {plan.dropped} messages are left out of the prompt "
+            f"({plan.prompt_tokens} tokens kept; the file keeps everything)"
+        )
+    else:
+        state.say("next turn: nothing is trimmed")
+
+
+def cmd_stats(state: ReplState, arg: str) -> None:
+    stats = state.bot.model.last_stats
+    if stats is None:
+        state.say("no reply yet")
+        return
+    state.say(
+        f"time to first token {stats.time_to_first_token:.2f} s; prompt "
+        f"{stats.prompt_tokens} tokens ({stats.cached_tokens} from cache, "
+        f"{stats.evaluated_tokens} evaluated at {stats.prompt_tokens_per_second:.0f} tok/s)"
+    )
+    state.say(
+        f"reply {stats.output_tokens} tokens at "
+        f"{stats.generation_tokens_per_second:.1f} tok/s ({stats.finish_reason})"
+    )
+
+
+COMMANDS: dict[str, Callable[[ReplState, str], bool | None]] = {
+    "/help": cmd_help,
+    "/?": cmd_help,
+    "/exit": cmd_exit,
+    "/quit": cmd_exit,
+    "/bye": cmd_exit,
+    "/new": cmd_new,
+    "/sessions": cmd_sessions,
+    "/switch": cmd_switch,
+    "/history": cmd_history,
+    "/system": cmd_system,
+    "/clear": cmd_clear,
+    "/tokens": cmd_tokens,
+    "/stats": cmd_stats,
+}
+
+
+def run_command(state: ReplState, line: str) -> bool:
+    """Run a slash command; True means quit."""
+    name, _, arg = line.partition(" ")
+    command = COMMANDS.get(name.lower())
+    if command is None:
+        state.say(f"unknown command {name} (type /help)")
+        return False
+    return bool(command(state, arg))
+
+
+# ---------------------------------------------------------------------------- chatting
+def chat_turn(state: ReplState, text: str) -> None:
+    """Stream one reply; Ctrl-C stops it and the partial reply stays in the session."""
+    stream = state.bot.stream({"messages": [HumanMessage(text)]}, state.config)
+    try:
+        for chunk in stream:
+            if chunk.text:
+                state.out.write(chunk.text)
+                state.out.flush()
+    except KeyboardInterrupt:
+        state.say(" [interrupted]")
+        return
+    finally:
+        stream.close()
+    state.say()
+
+
+def handle_line(state: ReplState, line: str) -> bool:
+    """One input from the user; True means quit."""
+    text = line.strip()
+    if not text:
+        return False
+    try:
+        if text.startswith("/"):
+            return run_command(state, text)
+        chat_turn(state, line.strip("\n"))
+    except LocalbotError as err:
+        state.say(f"error: {err}")
+    return False
+
+
+def _prompt_session():
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    from localbot.paths import data_home
+
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _(event) -> None:
+        buffer = event.current_buffer
+        text = buffer.text
+        if text.lstrip().startswith('"""') and not (
+            len(text.strip()) > 3 and text.rstrip().endswith('"""')
+        ):
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter")
+    def _(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    home = data_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return PromptSession(
+        history=FileHistory(str(home / "input_history")),
+        key_bindings=bindings,
+        multiline=True,
+        prompt_continuation="... ",
+    )
+
+
+def _unquote(text: str) -> str:
+    stripped = text.strip()
+    if stripped.startswith('"""') and stripped.endswith('"""') and len(stripped) >= 6:
+        return stripped[3:-3].strip("\n")
+    return text
+
+
+def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
+    state = ReplState(bot=bot, session=config["session"], process_system=config["system"])
+    model = bot.model
+    sys.stderr.write(f"loading {model.model_name} ...\r")
+    sys.stderr.flush()
+    start = time.perf_counter()
+    model.load()
+    where = "GPU" if model.gpu_layers != 0 else "CPU"
+    sys.stderr.write(" " * 60 + "\r")
+    count = len(state.history().messages)
+    status = f"resumed, {count} messages" if count else "new"
+    state.say(
+        f"localbot · {model.model_name} ({model.context_window} ctx, {where}, loaded in "
+        f"{time.perf_counter() - start:.1f} s) · session {state.session!r} ({status})"
+    )
+    state.say("Type /help for commands, Ctrl-D to quit.")
+    prompt = _prompt_session()
+    try:
+        while True:
+            try:
+                line = prompt.prompt(">>> ")
+            except KeyboardInterrupt:
+                state.say("(Ctrl-C at the prompt does not quit: use /exit or Ctrl-D)")
+                continue
+            except EOFError:
+                break
+            if handle_line(state, _unquote(line)):
+                break
+    finally:
+        bot.wait_for_saves()
+    return 0
