@@ -27,6 +27,11 @@ EXIT_CODES = """exit codes:
   5    bad session name, or a corrupt session file (it is left untouched)
   6    models/manifest.json problem (the model does not match its record)
   130  interrupted (Ctrl-C) in one-shot mode; the partial reply is saved
+
+environment:
+  LOCALBOT_HOME        moves all of localbot's data (sessions, input history)
+  LOCALBOT_MODELS_DIR  where models and models/manifest.json live
+  LOCALBOT_<SETTING>   any setting above, e.g. LOCALBOT_MAX_TOKENS=256
 """
 
 log = logging.getLogger("localbot")
@@ -202,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stdin_text = None if sys.stdin.isatty() or sys.stdin.closed else sys.stdin.read()
         question = read_question(config, stdin_text)
         bot.check_variables(bot.variables)
+        bot.model.load()  # before counting tokens, so one tokenizer serves both
         return run_once(bot, config["session"], question, config["json"])
     except LocalbotError as err:
         sys.stdout.flush()

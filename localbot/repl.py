@@ -294,6 +294,7 @@ def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
     sys.stderr.flush()
     start = time.perf_counter()
     model.load()
+    model.template  # noqa: B018 - resolve it now, so a "no chat template" warning comes first
     where = "GPU" if model.gpu_layers != 0 else "CPU"
     sys.stderr.write(" " * 60 + "\r")
     count = len(state.history().messages)

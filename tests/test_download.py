@@ -398,7 +398,8 @@ def test_a_file_already_in_place_is_hashed_and_adopted_without_downloading(
 def test_air_gapped_copy_verifies_and_resolves_offline(
     cli: Cli, hub: FakeHub, models_dir: Path, tmp_path: Path, small_gguf: bytes
 ) -> None:
-    """The steps of docs/air-gapped.md, in order."""
+    """The steps of the README's air-gapped section, in order (the chat step itself, with a real
+    model found by manifest name and HF_HUB_OFFLINE=1, is tests/test_offline.py)."""
     hub.add_file("Qwen/Qwen2.5-1.5B-Instruct-GGUF", "qwen2.5-1.5b-instruct-q4_k_m.gguf", small_gguf)
     # On the connected machine.
     assert cli("qwen2.5-1.5b", "--default").returncode == 0
