@@ -301,3 +301,17 @@ def test_llama_cpp_load_failure_is_a_clear_error(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ModelLoadError, match="could not load"):
         ChatLlamaCpp(model_path=str(path)).invoke("hi")
+
+
+def test_multibyte_characters_split_across_tokens_are_never_emitted_broken(
+    model: ChatLlamaCpp,
+) -> None:
+    # "ꙮ" is three byte-fallback tokens in Gemma's vocabulary; the greedy reply repeats it.
+    tok = model.load()
+    assert len(tok.tokenize("ꙮ".encode(), add_bos=False)) == 3
+    chunks = [c.text for c in model.stream([HumanMessage("ꙮꙮꙮꙮꙮꙮꙮꙮ")], max_tokens=12)]
+    text_chunks = [c for c in chunks if c]
+    assert "ꙮ" in "".join(text_chunks)
+    assert all("\ufffd" not in c for c in text_chunks)
+    assert all(c.encode("utf-8").decode("utf-8") == c for c in text_chunks)
+    assert model.last_stats.output_tokens > len(text_chunks)  # characters spanned tokens
