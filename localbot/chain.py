@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,8 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self.kv_cache = kv_cache
         self.system_prompt = system_prompt
         self._kv_threads: list[threading.Thread] = []
+        self.kv_budget_bytes = 2 << 30  # all sessions' saved KV states together
+        self.last_restore: tuple[int, float] = (0, 0.0)  # tokens restored, seconds spent
         self._turn_overhead: int | None = None
 
     # -------------------------------------------------------------- settings
@@ -276,24 +279,23 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         return self.store.path_for(session_id).with_suffix(".kvstate")
 
     def _restore_kv(self, session_id: str, messages: list[BaseMessage]) -> None:
-        try:
-            from localbot import kv_state
-        except ImportError:  # pragma: no cover - module optional during development
-            return
+        from localbot import kv_state
+
         self.wait_for_saves()
+        start = time.perf_counter()
         prompt_ids = self.model.prompt_ids(messages)
-        kv_state.restore_state(self.model, self._kv_path(session_id), prompt_ids)
+        restored = kv_state.restore_state(self.model, self._kv_path(session_id), prompt_ids)
+        self.last_restore = (restored, time.perf_counter() - start)
 
     def _save_kv(self, session_id: str) -> None:
-        try:
-            from localbot import kv_state
-        except ImportError:  # pragma: no cover
-            return
+        from localbot import kv_state
+
         path = self._kv_path(session_id)
 
         def save() -> None:
             try:
                 kv_state.save_state(self.model, path)
+                kv_state.prune_states(path.parent, self.kv_budget_bytes)
             except Exception:  # a cache that fails to save costs speed, never data
                 log.debug("could not save KV state to %s", path, exc_info=True)
 

@@ -438,8 +438,13 @@ class ChatLlamaCpp(BaseChatModel):
     ) -> Iterator[str | TurnStats]:
         import llama_cpp
 
+        from localbot.kv_state import drop_unsafe_cache
+
         seed = kwargs.get("seed", self.seed)
         llama.set_seed(seed if seed is not None else random.randint(0, 2**31 - 1))
+        # With swa_full off, llama.cpp may hold too little of the sliding window to reuse the
+        # cached prefix correctly: then read the prompt in full rather than answer wrongly.
+        drop_unsafe_cache(llama, prompt)
         stats = TurnStats(prompt_tokens=len(prompt))
         common = _common_prefix(llama._input_ids.tolist(), prompt)
         # A fully cached prompt still has its last token replayed to refresh the logits.

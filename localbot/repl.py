@@ -182,6 +182,9 @@ def cmd_stats(state: ReplState, arg: str) -> None:
         f"{stats.prompt_tokens} tokens ({stats.cached_tokens} from cache, "
         f"{stats.evaluated_tokens} evaluated at {stats.prompt_tokens_per_second:.0f} tok/s)"
     )
+    restored, seconds = state.bot.last_restore
+    if restored:
+        state.say(f"resumed from the saved KV state: {restored} tokens in {seconds * 1000:.0f} ms")
     state.say(
         f"reply {stats.output_tokens} tokens at "
         f"{stats.generation_tokens_per_second:.1f} tok/s ({stats.finish_reason})"

@@ -205,3 +205,31 @@ def test_hostile_session_id_is_refused(model, store) -> None:
         bot.invoke(
             {"messages": [HumanMessage("hi")]}, config={"configurable": {"session_id": "../escape"}}
         )
+
+
+def test_a_resumed_session_reads_only_the_new_message(test_model_path, tmp_path) -> None:
+    """After a restart the saved KV state is restored: the reply equals the warm process's and
+    the earlier turns come from the cache."""
+    import shutil
+
+    def fresh_model() -> ChatLlamaCpp:
+        return ChatLlamaCpp(
+            model_path=str(test_model_path), n_ctx=1024, temperature=0, max_tokens=6
+        )
+
+    first_store = SessionStore(tmp_path / "a")
+    warm_bot = build_chatbot(fresh_model(), first_store, "Be brief.")
+    first = warm_bot.invoke({"messages": [HumanMessage("Tell me about rivers. " * 30)]}, SESSION)
+    warm_bot.wait_for_saves()
+    assert (first_store.root / "abc.kvstate").exists()
+    shutil.copytree(first_store.root, tmp_path / "b")  # the session as a new process finds it
+
+    warm = warm_bot.invoke({"messages": [HumanMessage("And lakes?")]}, SESSION)
+    resumed_bot = build_chatbot(fresh_model(), SessionStore(tmp_path / "b"), "Be brief.")
+    resumed = resumed_bot.invoke({"messages": [HumanMessage("And lakes?")]}, SESSION)
+
+    assert resumed.content == warm.content
+    assert resumed_bot.last_restore[0] >= first.usage_metadata["input_tokens"]
+    cached = resumed.usage_metadata["input_token_details"]["cache_read"]
+    assert cached >= first.usage_metadata["input_tokens"]
+    assert resumed.usage_metadata["input_tokens"] - cached < 30  # only the new turn was read

@@ -1,0 +1,631 @@
+"""KV state across restarts: save llama.cpp's evaluated tokens and their KV cache next to a
+session, and restore them when the session resumes, so a resumed session reads only its new message.
+
+Files, for a session ``<id>`` kept as ``<sessions>/<id>.json``:
+
+* ``<id>.kvstate``: llama.cpp's own session file (``llama_state_save_file``: magic, version,
+  token list, then the context state with the KV cache). Binary, never decoded by Python: it is
+  only handed to ``llama_state_load_file``, and only after its size and sha256 matched the meta.
+* ``<id>.kvstate.meta``: JSON saying what the state belongs to (model file, context settings,
+  chat template, the token list) and the state file's size and sha256.
+
+Both are ``<id>.*`` sidecars to the session store, so renaming or deleting a session takes them
+along. Neither name ends in ``.json`` (that would read as another session's id).
+
+A state is restored only when everything it records matches the running model and the new prompt
+shares a prefix with its tokens longer than what the model already holds in memory. Anything else
+(a different model file, n_ctx, template or cache setting, another llama-cpp-python version, a
+truncated or corrupt file, unreadable meta) is logged at DEBUG on ``localbot.kv_state`` and
+ignored: the prompt is simply re-read. Restoring never changes a reply: the restored KV cache holds
+bit-for-bit what the saving process had, and ``Llama.generate`` trims it to the common prefix
+exactly as it does for a warm process.
+
+Sliding-window attention (Gemma 2/3 and others): with ``swa_full=False`` llama.cpp keeps only the
+last ``n_swa + n_ubatch`` positions of the sliding-window layers, and the state file holds only
+those. Extending such a state is fine, but trimming it back further than the window reaches would
+leave attention reading a window with holes (silently different output; llama.cpp's server
+re-reads the whole prompt in that case). ``restore_state`` applies the server's test
+(``pos_min <= usable - n_swa``) and refuses a restore that fails it. A warm process has the same
+hazard (``Llama.generate`` does not check): :func:`drop_unsafe_cache` is the same test for a model
+about to generate. With ``swa_full=True`` (the default) every position is kept and any prefix can
+be reused; the bit-for-bit claim above is tested there (with ``swa_full=False`` the restored cells
+may sit in another order than in the saver's ring buffer, so sums can round differently).
+Recurrent and hybrid models cannot be trimmed at all: their state is restored only when the prompt
+extends every saved token.
+
+Disk use is bounded by :func:`prune_states` (least recently written states go first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from localbot.atomic import TEMP_MARKER, fsync_directory, write_atomic
+
+if TYPE_CHECKING:
+    from localbot.chat_model import ChatLlamaCpp
+
+log = logging.getLogger("localbot.kv_state")
+
+__all__ = [
+    "DEFAULT_MAX_TOTAL_BYTES",
+    "STATE_SUFFIX",
+    "drop_unsafe_cache",
+    "meta_path",
+    "prune_states",
+    "remove_state",
+    "restore_state",
+    "save_state",
+]
+
+FORMAT = "localbot-kvstate"
+FORMAT_VERSION = 1
+STATE_SUFFIX = ".kvstate"
+META_SUFFIX = ".meta"
+DEFAULT_MAX_TOTAL_BYTES = 2 * 1024**3
+"""Default disk budget for all saved states in one directory (see :func:`prune_states`)."""
+
+_MAX_META_BYTES = 64 * 1024**2
+_FINGERPRINT_BYTES = 1024**2
+_HASH_CHUNK = 4 * 1024**2
+_STALE_TEMP_AGE_S = 60.0
+
+# Context settings that change what the KV cache holds or how it is laid out.
+_KV_CONTEXT_PARAMS = (
+    "swa_full",
+    "type_k",
+    "type_v",
+    "flash_attn_type",
+    "rope_scaling_type",
+    "rope_freq_base",
+    "rope_freq_scale",
+    "yarn_ext_factor",
+    "yarn_attn_factor",
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+    "yarn_orig_ctx",
+)
+
+_fingerprints: dict[tuple[str, int, int, int], str] = {}
+
+
+class _Rejected(Exception):
+    """A saved state that must not be used; the message says why (logged at DEBUG)."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def meta_path(path: Path | str) -> Path:
+    """The metadata file of the state file ``path`` (``<id>.kvstate`` -> ``<id>.kvstate.meta``)."""
+    path = Path(path)
+    return path.with_name(path.name + META_SUFFIX)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _model_identity(model_path: Path) -> dict[str, Any]:
+    """Which model file this is: path, size, mtime and a hash of its first and last MiB."""
+    resolved = Path(model_path).resolve()
+    st = os.stat(resolved)
+    key = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
+    fingerprint = _fingerprints.get(key)
+    if fingerprint is None:
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as f:
+            digest.update(f.read(_FINGERPRINT_BYTES))
+            if st.st_size > _FINGERPRINT_BYTES:
+                f.seek(max(_FINGERPRINT_BYTES, st.st_size - _FINGERPRINT_BYTES))
+                digest.update(f.read(_FINGERPRINT_BYTES))
+        fingerprint = _fingerprints[key] = digest.hexdigest()
+    return {
+        "path": str(resolved),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "fingerprint_sha256": fingerprint,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe form of a ctypes field or setting, stable across a JSON round trip."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return repr(value)
+
+
+def _identity(model: ChatLlamaCpp, llama: Any) -> dict[str, Any]:
+    """Everything a saved state must match to be valid for ``model`` (JSON-normalised)."""
+    import llama_cpp
+
+    params = llama.context_params
+    template = model.template
+    identity = {
+        "llama_cpp_version": llama_cpp.__version__,
+        "llama_session_version": int(getattr(llama_cpp, "LLAMA_SESSION_VERSION", 0)),
+        "model": _model_identity(Path(model.gguf.path)),
+        "n_ctx": int(llama.n_ctx()),
+        "context": {name: _plain(getattr(params, name, None)) for name in _KV_CONTEXT_PARAMS},
+        "lora": [
+            _plain(getattr(llama, "lora_path", None)),
+            _plain(getattr(llama, "lora_scale", None)),
+        ],
+        "kv_overrides_sha256": _sha256_hex(
+            json.dumps(getattr(llama, "kv_overrides", None), sort_keys=True, default=repr).encode()
+        ),
+        "template": {"name": template.name, "sha256": _sha256_hex(template.source.encode())},
+    }
+    return json.loads(json.dumps(identity))
+
+
+def _tokens_sha256(tokens: Sequence[int]) -> str:
+    return _sha256_hex(json.dumps(list(tokens), separators=(",", ":")).encode())
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _usable(common: int, prompt_len: int) -> int:
+    """Tokens ``Llama.generate`` keeps of a cache sharing ``common`` tokens with the prompt: a
+    fully cached prompt still has its last token re-evaluated to produce fresh logits."""
+    return common if common < prompt_len else max(prompt_len - 1, 0)
+
+
+def _hash_fd(fd: int) -> tuple[int, str]:
+    """Size and sha256 of the open file ``fd``, read from its start."""
+    digest = hashlib.sha256()
+    size = 0
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, _HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
+    """Save the loaded model's evaluated tokens and KV cache to ``path`` (``<id>.kvstate``) and
+    its metadata to ``<id>.kvstate.meta``; return the bytes written, or None when there was
+    nothing to save (model not loaded, nothing evaluated) or saving failed (logged).
+
+    Both files are replaced atomically (temp file, fsync, rename). Takes ``model._run_lock``:
+    do not call it from inside a generation on the same thread.
+    """
+    import llama_cpp
+
+    path = Path(path)
+    llama = model._llama
+    if llama is None:
+        return None
+    start = time.perf_counter()
+    tmp: str | None = None
+    try:
+        with model._run_lock:
+            n = int(llama.n_tokens)
+            if n <= 0:
+                return None
+            ctx = llama._ctx.ctx
+            memory = llama_cpp.llama_get_memory(ctx)
+            if memory is not None:
+                pos_max = llama_cpp.llama_memory_seq_pos_max(memory, 0)
+                if pos_max != n - 1:
+                    log.debug(
+                        "not saving %s: the KV cache ends at position %d but %d tokens are "
+                        "recorded as evaluated",
+                        path,
+                        pos_max,
+                        n,
+                    )
+                    return None
+            tokens = [int(t) for t in llama.input_ids[:n]]
+            identity = _identity(model, llama)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+            os.close(fd)
+            array = (llama_cpp.llama_token * n)(*tokens)
+            if not llama_cpp.llama_state_save_file(ctx, os.fsencode(tmp), array, n):
+                log.warning("llama.cpp could not save the KV state to %s", path)
+                return None
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size, digest = _hash_fd(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "identity": identity,
+            "n_tokens": n,
+            "tokens_sha256": _tokens_sha256(tokens),
+            "tokens": tokens,
+            "state": {"size": size, "sha256": digest},
+            "created": time.time(),
+        }
+        data = json.dumps(meta, separators=(",", ":")).encode()
+        write_atomic(meta_path(path), data)  # fsyncs the directory, covering both renames
+    except OSError as err:
+        log.warning("could not save the KV state to %s: %s", path, err)
+        return None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    log.debug(
+        "saved %d tokens of KV state to %s (%d bytes, %.3f s)",
+        n,
+        path,
+        size,
+        time.perf_counter() - start,
+    )
+    return size + len(data)
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The parsed, structurally checked metadata of state ``path``; raises _Rejected."""
+    mpath = meta_path(path)
+    try:
+        with open(mpath, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _Rejected(f"{mpath} is not a regular file")
+            data = f.read(_MAX_META_BYTES + 1)
+    except FileNotFoundError:
+        raise _Rejected(f"{mpath} does not exist") from None
+    except OSError as err:
+        raise _Rejected(f"cannot read {mpath}: {err}") from None
+    if len(data) > _MAX_META_BYTES:
+        raise _Rejected(f"{mpath} is larger than {_MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(data)  # JSON only: parsing it can never run code
+    except (ValueError, RecursionError) as err:
+        raise _Rejected(f"{mpath} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _Rejected(f"{mpath} is not localbot KV state metadata")
+    if meta.get("version") != FORMAT_VERSION:
+        raise _Rejected(f"{mpath} has format version {meta.get('version')!r}, not {FORMAT_VERSION}")
+    tokens, n = meta.get("tokens"), meta.get("n_tokens")
+    if (
+        not isinstance(tokens, list)
+        or not isinstance(n, int)
+        or isinstance(n, bool)
+        or n != len(tokens)
+        or n <= 0
+        or not all(type(t) is int and 0 <= t < 2**31 for t in tokens)
+    ):
+        raise _Rejected(f"{mpath} has a malformed token list")
+    if meta.get("tokens_sha256") != _tokens_sha256(tokens):
+        raise _Rejected(f"{mpath}: the token list does not match its sha256")
+    state = meta.get("state")
+    if (
+        not isinstance(state, dict)
+        or type(state.get("size")) is not int
+        or not isinstance(state.get("sha256"), str)
+        or not isinstance(meta.get("identity"), dict)
+    ):
+        raise _Rejected(f"{mpath} lacks the state file's size, sha256 or identity")
+    return meta
+
+
+def _check_identity(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise _Rejected(
+                f"it was saved for {key}={saved.get(key)!r}, this model has {current.get(key)!r}"
+            )
+
+
+def _open_verified(path: Path, meta: dict[str, Any]) -> int:
+    """Open the state file and check its size and sha256 against ``meta``; return the fd."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise _Rejected(f"cannot open {path}: {err}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Rejected(f"{path} is not a regular file")
+        if st.st_size != meta["state"]["size"]:
+            raise _Rejected(
+                f"{path} is {st.st_size} bytes, the meta says {meta['state']['size']} "
+                "(truncated or replaced)"
+            )
+        size, digest = _hash_fd(fd)
+        if size != meta["state"]["size"] or digest != meta["state"]["sha256"]:
+            raise _Rejected(f"{path} does not match the sha256 in its meta (corrupt or replaced)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    """A path that opens exactly the file we hashed (Linux), so a concurrent replace cannot
+    slip an unverified file in between the check and llama.cpp's own open."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
+
+
+def _window_problem(llama: Any, usable: int) -> str | None:
+    """Why reusing the first ``usable`` cached tokens would be wrong, or None when it is safe.
+
+    With ``swa_full`` off, llama.cpp keeps only the latest ``n_swa + n_ubatch`` positions of the
+    sliding-window layers. The first token evaluated after the reused prefix attends to the
+    ``n_swa`` positions before it; if some of those are gone its attention silently reads a
+    window with holes. This is llama.cpp server's test (``pos_min > max(0, n_past - n_swa)``
+    forces a full re-read there).
+    """
+    import llama_cpp
+
+    if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
+        # No window: a recurrent state is all or nothing (seq_rm refuses a partial trim and
+        # Llama.generate then re-reads; restore_state only restores a state the prompt extends).
+        return None
+    memory = llama_cpp.llama_get_memory(llama._ctx.ctx)
+    if memory is None or usable <= 0:
+        return None
+    pos_min = llama_cpp.llama_memory_seq_pos_min(memory, 0)
+    n_swa = int(llama_cpp.llama_model_n_swa(llama._model.model))
+    threshold = max(0, usable - n_swa) if n_swa > 0 else 0
+    if pos_min < 0 or pos_min > threshold:
+        return (
+            f"the cache keeps positions from {pos_min} only (sliding window {n_swa}, swa_full "
+            f"off): reusing {usable} tokens needs them from {threshold}"
+        )
+    return None
+
+
+def drop_unsafe_cache(llama: Any, prompt_ids: Sequence[int]) -> bool:
+    """Forget ``llama``'s cached tokens when ``Llama.generate`` would reuse them wrongly for
+    ``prompt_ids`` (see :func:`_window_problem`: only with ``swa_full`` off, when the prompt
+    diverges from the cache further back than the sliding window reaches); the prompt is then
+    read in full. Call with the model's run lock held, right before ``generate``. Returns
+    whether the cache was dropped."""
+    if llama.n_tokens <= 0:
+        return False
+    prompt = list(prompt_ids)
+    usable = _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
+    problem = _window_problem(llama, usable)
+    if problem is None:
+        return False
+    log.debug("not reusing the KV cache: %s", problem)
+    _clear(llama)
+    return True
+
+
+def _clear(llama: Any) -> None:
+    """Forget any partially loaded state: no tokens recorded, KV memory empty."""
+    with contextlib.suppress(Exception):
+        llama.reset()
+    with contextlib.suppress(Exception):
+        llama._ctx.kv_cache_clear()
+
+
+def restore_state(model: ChatLlamaCpp, path: Path | str, prompt_ids: Sequence[int]) -> int:
+    """Load the state saved at ``path`` into ``model`` when it is valid for it and useful for the
+    prompt ``prompt_ids``; return the number of prompt tokens the next generation will not have
+    to evaluate (0 when nothing was restored). Never raises for a bad or foreign state file.
+
+    Loads the model if needed. Takes ``model._run_lock``.
+    """
+    path = Path(path)
+    prompt = [int(t) for t in prompt_ids]
+    try:
+        meta = _read_meta(path)
+    except _Rejected as why:
+        log.debug("not restoring KV state %s: %s", path, why)
+        return 0
+    saved: list[int] = meta["tokens"]
+    usable = _usable(_common_prefix(saved, prompt), len(prompt))
+    if usable <= 0:
+        log.debug("not restoring KV state %s: it shares no prefix with the prompt", path)
+        return 0
+    llama = model.load()
+    with model._run_lock:
+        in_memory = _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
+        if in_memory >= usable:
+            log.debug(
+                "not restoring KV state %s: the model already holds %d usable tokens (saved: %d)",
+                path,
+                in_memory,
+                usable,
+            )
+            return 0
+        try:
+            return _restore(model, llama, path, meta, prompt, usable)
+        except _Rejected as why:
+            log.debug("not restoring KV state %s: %s", path, why)
+            return 0
+        except Exception:
+            log.debug("not restoring KV state %s: unexpected error", path, exc_info=True)
+            _clear(llama)
+            return 0
+
+
+def _restore(
+    model: ChatLlamaCpp,
+    llama: Any,
+    path: Path,
+    meta: dict[str, Any],
+    prompt: list[int],
+    usable: int,
+) -> int:
+    import llama_cpp
+
+    _check_identity(meta["identity"], _identity(model, llama))
+    saved: list[int] = meta["tokens"]
+    n = len(saved)
+    if n > llama.n_ctx():
+        raise _Rejected(f"it holds {n} tokens, more than n_ctx {llama.n_ctx()}")
+    n_vocab = int(llama.n_vocab())
+    if any(t >= n_vocab for t in saved):
+        raise _Rejected("it holds token ids outside this model's vocabulary")
+    recurrent = getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)
+    if recurrent and not usable == n < len(prompt):
+        raise _Rejected("recurrent memory cannot be trimmed: the prompt must extend the state")
+
+    start = time.perf_counter()
+    fd = _open_verified(path, meta)
+    verified = time.perf_counter()
+    try:
+        # Past this point llama.cpp overwrites the context: any failure must leave it empty.
+        _clear(llama)
+        ctx = llama._ctx.ctx
+        buffer = (llama_cpp.llama_token * n)()
+        n_out = ctypes.c_size_t(0)
+        ok = llama_cpp.llama_state_load_file(
+            ctx, os.fsencode(_fd_path(fd, path)), buffer, n, ctypes.byref(n_out)
+        )
+    finally:
+        os.close(fd)
+    try:
+        if not ok:
+            raise _Rejected("llama.cpp could not load it")
+        if n_out.value != n or list(buffer) != saved:
+            raise _Rejected("the state file's tokens differ from its meta")
+        memory = llama_cpp.llama_get_memory(ctx)
+        if memory is not None:
+            pos_max = llama_cpp.llama_memory_seq_pos_max(memory, 0)
+            if pos_max != n - 1:
+                raise _Rejected(f"the loaded KV cache ends at {pos_max}, expected {n - 1}")
+        problem = _window_problem(llama, usable)
+        if problem:
+            raise _Rejected(problem)
+    except BaseException:
+        _clear(llama)
+        raise
+    llama.input_ids[:n] = saved
+    llama.n_tokens = n
+    llama._requires_eval = True  # logits are stale: generate re-evaluates at least one token
+    log.debug(
+        "restored %d tokens of KV state from %s (%d usable; verify %.3f s, load %.3f s)",
+        n,
+        path,
+        usable,
+        verified - start,
+        time.perf_counter() - verified,
+    )
+    return usable
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def _unlink(path: Path) -> int:
+    """Remove a file; return its size (0 when it was already gone)."""
+    try:
+        size = os.stat(path, follow_symlinks=False).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def _remove_temps(directory: Path, names: Iterable[str], max_age_s: float) -> int:
+    """Remove temp files left by a killed save of the given state/meta names."""
+    prefixes = tuple(f".{name}{TEMP_MARKER}" for name in names)
+    cutoff = time.time() - max_age_s
+    freed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if not entry.name.startswith(prefixes):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime < cutoff or max_age_s <= 0:
+                    os.unlink(entry.path)
+                    freed += st.st_size
+    return freed
+
+
+def remove_state(path: Path | str) -> int:
+    """Delete a saved state, its meta and any temp files of theirs; return the bytes freed."""
+    path = Path(path)
+    freed = _unlink(path) + _unlink(meta_path(path))
+    freed += _remove_temps(path.parent, (path.name, meta_path(path).name), max_age_s=0)
+    with contextlib.suppress(OSError):
+        fsync_directory(path.parent)
+    return freed
+
+
+def prune_states(
+    directory: Path | str, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+) -> list[Path]:
+    """Keep the saved states in ``directory`` within ``max_total_bytes`` in all: delete the
+    least recently written ``*.kvstate`` files (with their meta) until the rest fit. Also removes
+    meta files whose state is gone and temp files a killed save left (older than a minute).
+    Returns the state paths removed."""
+    directory = Path(directory)
+    states: list[tuple[int, Path, int]] = []  # (mtime_ns, path, bytes with meta)
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    names = {e.name for e in entries}
+    temp_owners: set[str] = set()
+    for entry in entries:
+        name = entry.name
+        with contextlib.suppress(OSError):
+            if name.startswith(".") and TEMP_MARKER in name:
+                owner = name[1 : name.index(TEMP_MARKER)]
+                if owner.endswith((STATE_SUFFIX, STATE_SUFFIX + META_SUFFIX)):
+                    temp_owners.add(owner)
+            elif name.endswith(STATE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                size = st.st_size
+                meta = directory / (name + META_SUFFIX)
+                with contextlib.suppress(OSError):
+                    size += os.stat(meta, follow_symlinks=False).st_size
+                states.append((st.st_mtime_ns, directory / name, size))
+            elif (
+                name.endswith(STATE_SUFFIX + META_SUFFIX) and name[: -len(META_SUFFIX)] not in names
+            ):
+                _unlink(directory / name)
+    if temp_owners:
+        _remove_temps(directory, sorted(temp_owners), _STALE_TEMP_AGE_S)
+    total = sum(size for _, _, size in states)
+    removed: list[Path] = []
+    for _, state_path, size in sorted(states, key=lambda s: (s[0], s[1].name)):
+        if total <= max_total_bytes:
+            break
+        try:
+            _unlink(state_path)
+            _unlink(meta_path(state_path))
+        except OSError as err:
+            log.debug("could not remove KV state %s: %s", state_path, err)
+            continue
+        total -= size
+        removed.append(state_path)
+    if removed:
+        with contextlib.suppress(OSError):
+            fsync_directory(directory)
+        log.debug("pruned %d KV states from %s", len(removed), directory)
+    return removed
