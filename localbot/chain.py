@@ -328,12 +328,12 @@ def build_chatbot(
     model: ChatLlamaCpp,
     store: SessionStore,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-    *,
-    variables: Mapping[str, Any] | None = None,
-    trim_watermark: float = DEFAULT_WATERMARK,
-    kv_cache: bool = True,
+    **options: Any,
 ) -> Chatbot:
     """A Runnable chatbot over ``model`` that keeps each session in ``store``.
+
+    ``options``: ``variables`` (values for the system prompt's ``{names}``), ``trim_watermark``
+    (see ``localbot.trimming``), ``kv_cache`` (save/restore llama.cpp's state per session).
 
     Example:
         .. code-block:: python
@@ -344,14 +344,7 @@ def build_chatbot(
                 config={"configurable": {"session_id": "abc"}},
             )
     """
-    return Chatbot(
-        model,
-        store,
-        system_prompt,
-        variables=variables,
-        trim_watermark=trim_watermark,
-        kv_cache=kv_cache,
-    )
+    return Chatbot(model, store, system_prompt, **options)
 
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "Chatbot", "SystemMessage", "build_chatbot"]

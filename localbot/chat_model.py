@@ -99,15 +99,6 @@ def message_role(message: BaseMessage) -> str:
     return "user"
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _StopMatcher:
     """Holds back text that could be the start of a stop sequence, across token boundaries."""
 
@@ -438,17 +429,14 @@ class ChatLlamaCpp(BaseChatModel):
     ) -> Iterator[str | TurnStats]:
         import llama_cpp
 
-        from localbot.kv_state import drop_unsafe_cache
+        from localbot.kv_state import drop_unsafe_cache, reusable_tokens
 
         seed = kwargs.get("seed", self.seed)
         llama.set_seed(seed if seed is not None else random.randint(0, 2**31 - 1))
         # With swa_full off, llama.cpp may hold too little of the sliding window to reuse the
         # cached prefix correctly: then read the prompt in full rather than answer wrongly.
         drop_unsafe_cache(llama, prompt)
-        stats = TurnStats(prompt_tokens=len(prompt))
-        common = _common_prefix(llama._input_ids.tolist(), prompt)
-        # A fully cached prompt still has its last token replayed to refresh the logits.
-        stats.cached_tokens = common if common < len(prompt) else len(prompt) - 1
+        stats = TurnStats(prompt_tokens=len(prompt), cached_tokens=reusable_tokens(llama, prompt))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = _StopMatcher(stops)
         vocab = llama._model.vocab

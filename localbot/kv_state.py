@@ -194,6 +194,12 @@ def _usable(common: int, prompt_len: int) -> int:
     return common if common < prompt_len else max(prompt_len - 1, 0)
 
 
+def reusable_tokens(llama: Any, prompt_ids: Sequence[int]) -> int:
+    """How many of ``prompt_ids`` ``Llama.generate`` will take from ``llama``'s KV cache."""
+    prompt = list(prompt_ids)
+    return _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
+
+
 def _hash_fd(fd: int) -> tuple[int, str]:
     """Size and sha256 of the open file ``fd``, read from its start."""
     digest = hashlib.sha256()
@@ -411,8 +417,7 @@ def drop_unsafe_cache(llama: Any, prompt_ids: Sequence[int]) -> bool:
     whether the cache was dropped."""
     if llama.n_tokens <= 0:
         return False
-    prompt = list(prompt_ids)
-    usable = _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
+    usable = reusable_tokens(llama, prompt_ids)
     problem = _window_problem(llama, usable)
     if problem is None:
         return False
@@ -450,7 +455,7 @@ def restore_state(model: ChatLlamaCpp, path: Path | str, prompt_ids: Sequence[in
         return 0
     llama = model.load()
     with model._run_lock:
-        in_memory = _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
+        in_memory = reusable_tokens(llama, prompt)
         if in_memory >= usable:
             log.debug(
                 "not restoring KV state %s: the model already holds %d usable tokens (saved: %d)",

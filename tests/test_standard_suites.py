@@ -35,10 +35,16 @@ _NO_OVERRIDE = pytest.mark.xfail(
 )
 
 
-class TestChatLlamaCppUnit(ChatModelUnitTests):
+class _OurModel:
+    """What both suites need to know about ChatLlamaCpp."""
+
     @property
     def chat_model_class(self) -> type[ChatLlamaCpp]:
         return ChatLlamaCpp
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return _params()
 
     @property
     def standard_chat_model_params(self) -> dict[str, Any]:
@@ -48,31 +54,14 @@ class TestChatLlamaCppUnit(ChatModelUnitTests):
     def supports_model_override(self) -> bool:
         return False
 
+
+class TestChatLlamaCppUnit(_OurModel, ChatModelUnitTests):
     @_NO_OVERRIDE
     def test_standard_params_model_override(self, model: BaseChatModel) -> None:
         super().test_standard_params_model_override(model)
 
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return _params()
 
-
-class TestChatLlamaCppIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatLlamaCpp]:
-        return ChatLlamaCpp
-
-    @property
-    def standard_chat_model_params(self) -> dict[str, Any]:
-        return _standard(super().standard_chat_model_params)
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return _params()
+class TestChatLlamaCppIntegration(_OurModel, ChatModelIntegrationTests):
 
     @property
     def has_tool_calling(self) -> bool:
