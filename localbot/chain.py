@@ -17,11 +17,12 @@ saves nothing when a run is interrupted).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +259,25 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     ) -> AIMessage:
         chunks = list(self.stream(input, config, **kwargs))
         return _to_message(chunks)
+
+    async def astream(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        """``stream`` driven from a worker thread, one chunk at a time, so the event loop stays
+        free while llama.cpp works (the model's lock serializes turns across threads)."""
+        loop = asyncio.get_running_loop()
+        chunks = self.stream(input, config, **kwargs)
+        done = object()
+        try:
+            while (chunk := await loop.run_in_executor(None, next, chunks, done)) is not done:
+                yield chunk
+        finally:
+            await loop.run_in_executor(None, chunks.close)
+
+    async def ainvoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        return _to_message([chunk async for chunk in self.astream(input, config, **kwargs)])
 
     def _finish(self, turn: _Turn, outcome: str) -> None:
         if not turn.saved_human:

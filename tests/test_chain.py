@@ -233,3 +233,14 @@ def test_a_resumed_session_reads_only_the_new_message(test_model_path, tmp_path)
     cached = resumed.usage_metadata["input_token_details"]["cache_read"]
     assert cached >= first.usage_metadata["input_tokens"]
     assert resumed.usage_metadata["input_tokens"] - cached < 30  # only the new turn was read
+
+
+async def test_async_stream_and_invoke(model, store) -> None:
+    bot = build_chatbot(model, store, None, kv_cache=False)
+    chunks = [c async for c in bot.astream({"messages": [HumanMessage("Hello")]}, SESSION)]
+    assert len(chunks) > 1
+    reply = await bot.ainvoke({"messages": [HumanMessage("Again")]}, SESSION)
+    saved = _file(store)
+    assert [m["type"] for m in saved] == ["human", "ai", "human", "ai"]
+    assert saved[1]["data"]["content"] == "".join(c.text for c in chunks)
+    assert saved[3]["data"]["content"] == reply.content

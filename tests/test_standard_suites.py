@@ -62,7 +62,6 @@ class TestChatLlamaCppUnit(_OurModel, ChatModelUnitTests):
 
 
 class TestChatLlamaCppIntegration(_OurModel, ChatModelIntegrationTests):
-
     @property
     def has_tool_calling(self) -> bool:
         return False
