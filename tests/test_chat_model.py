@@ -315,3 +315,29 @@ def test_multibyte_characters_split_across_tokens_are_never_emitted_broken(
     assert all("\ufffd" not in c for c in text_chunks)
     assert all(c.encode("utf-8").decode("utf-8") == c for c in text_chunks)
     assert model.last_stats.output_tokens > len(text_chunks)  # characters spanned tokens
+
+
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<start_of_turn>' + m['role'] + '\\n' + m['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_rejects_system_messages_gets_them_merged(test_model_path) -> None:
+    model = ChatLlamaCpp(model_path=str(test_model_path), chat_format=NO_SYSTEM_TEMPLATE)
+    assert not model.template.supports_system
+    ids = model.prompt_ids([SystemMessage("RULES"), HumanMessage("hi")])
+    text = model._tokenizer().detokenize(ids, special=True).decode()
+    assert "<start_of_turn>user\nRULES\n\nhi<end_of_turn>" in text
+
+
+def test_template_code_runs_sandboxed(test_model_path) -> None:
+    from localbot.errors import ConfigError
+
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}"
+    model = ChatLlamaCpp(model_path=str(test_model_path), chat_format=hostile)
+    with pytest.raises(ConfigError, match="failed to render"):
+        model.prompt_ids([HumanMessage("hi")])
