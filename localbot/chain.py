@@ -175,13 +175,20 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         max_tokens: int | None = None,
     ) -> TrimPlan:
         """Where the history will be cut for the next turn, and how full the context is."""
+        budget = self.prompt_budget(max_tokens)
+        if budget <= 0:
+            raise ConfigError(
+                f"a reply of up to {self.reply_budget(max_tokens)} tokens leaves no room for the "
+                f"prompt in a {self.model.context_window}-token context: lower --max-tokens or "
+                "raise --ctx"
+            )
         return plan_trim(
             history,
             count_prompt=lambda msgs: self.model.get_num_tokens_from_messages(
                 self.prompt_messages(values, msgs)
             ),
             message_cost=self._message_cost,
-            budget=self.prompt_budget(max_tokens),
+            budget=budget,
             watermark=self.trim_watermark,
         )
 

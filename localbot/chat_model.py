@@ -294,6 +294,7 @@ class ChatLlamaCpp(BaseChatModel):
                 start = time.perf_counter()
                 self._llama = load_llama(info.path, verbose=self.verbose, **params)
                 self._load_seconds = time.perf_counter() - start
+                self._vocab = None  # the full model tokenizes from now on
             return self._llama
 
     def _tokenizer(self) -> Any:

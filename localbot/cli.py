@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         sys.stdout.flush()
-        print("\nlocalbot: interrupted (the partial reply is saved)", file=sys.stderr)
+        print("\nlocalbot: interrupted (a partial reply, if any, is saved)", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `localbot -p ... | head -1`: the reader left; not an error worth a traceback.

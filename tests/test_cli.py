@@ -240,3 +240,19 @@ def test_too_long_message_keeps_the_session_intact(test_model_path, tmp_path) ->
 def test_nothing_to_ask(test_model_path, tmp_path) -> None:
     result = run("--model", str(test_model_path), *BASE, stdin="", home=tmp_path)
     assert_one_line_error(result, 2, "nothing to ask")
+
+
+def test_max_tokens_larger_than_the_context(test_model_path, tmp_path) -> None:
+    result = run(
+        "--model",
+        str(test_model_path),
+        *BASE,
+        "--ctx",
+        "256",
+        "--max-tokens",
+        "300",
+        "-p",
+        "hi",
+        home=tmp_path,
+    )
+    assert_one_line_error(result, 2, "lower --max-tokens or raise --ctx")
