@@ -51,7 +51,45 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     settings_mod.add_arguments(parser)
+    actions = parser.add_argument_group("session management (then exit; no model needed)")
+    group = actions.add_mutually_exclusive_group()
+    group.add_argument(
+        "--list-sessions",
+        action="store_true",
+        help="list sessions: name, message count, last change",
+    )
+    group.add_argument(
+        "--delete-session", metavar="NAME", help="delete a session and its saved state"
+    )
+    group.add_argument(
+        "--rename-session",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="rename a session (with its settings and saved state)",
+    )
     return parser
+
+
+def run_session_action(args: argparse.Namespace, config: dict[str, Any]) -> int | None:
+    """``--list-sessions`` / ``--delete-session`` / ``--rename-session``; None when not asked."""
+    if not (args.list_sessions or args.delete_session or args.rename_session):
+        return None
+    from localbot.sessions import SessionStore
+
+    store = SessionStore(config["sessions_dir"])
+    if args.delete_session:
+        store.delete(args.delete_session)
+        print(f"deleted session {args.delete_session!r}")
+    elif args.rename_session:
+        old, new = args.rename_session
+        store.rename(old, new)
+        print(f"renamed session {old!r} to {new!r}")
+    else:
+        for info in store.list():
+            count = "corrupt" if info.corrupt else f"{info.message_count} messages"
+            when = info.updated.astimezone().strftime("%Y-%m-%d %H:%M")
+            print(f"{info.id:<24} {count:>14}  {when}")
+    return 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -195,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = settings_mod.resolve(args)
         _setup_logging(config["verbose"])
+        action = run_session_action(args, config)
+        if action is not None:
+            return action
         if config["json"] and config["prompt"] is None and sys.stdin.isatty():
             raise ConfigError("--json needs -p TEXT or a question piped on stdin")
         bot = make_chatbot(config)

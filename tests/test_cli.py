@@ -256,3 +256,31 @@ def test_max_tokens_larger_than_the_context(test_model_path, tmp_path) -> None:
         home=tmp_path,
     )
     assert_one_line_error(result, 2, "lower --max-tokens or raise --ctx")
+
+
+def test_session_management_from_the_command_line(tmp_path) -> None:
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from localbot import SessionStore
+
+    store = SessionStore(tmp_path / "sessions")
+    store.get("trip").add_messages([HumanMessage("hi"), AIMessage("hello")])
+    store.get("work").add_messages([HumanMessage("x")])
+    (store.root / "trip.settings").write_text("{}")
+
+    listed = run("--list-sessions", home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "trip" in listed.stdout
+    assert "2 messages" in listed.stdout
+    assert "work" in listed.stdout
+
+    renamed = run("--rename-session", "trip", "holiday", home=tmp_path)
+    assert renamed.returncode == 0, renamed.stderr
+    assert (store.root / "holiday.json").exists()
+    assert (store.root / "holiday.settings").exists()
+    assert not (store.root / "trip.json").exists()
+
+    assert run("--delete-session", "work", home=tmp_path).returncode == 0
+    assert not (store.root / "work.json").exists()
+    assert_one_line_error(run("--delete-session", "work", home=tmp_path), 5, "work")
+    assert_one_line_error(run("--delete-session", "../etc", home=tmp_path), 5, "not allowed")
