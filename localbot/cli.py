@@ -86,9 +86,7 @@ def run_session_action(args: argparse.Namespace, config: dict[str, Any]) -> int 
         print(f"renamed session {old!r} to {new!r}")
     else:
         for info in store.list():
-            count = "corrupt" if info.corrupt else f"{info.message_count} messages"
-            when = info.updated.astimezone().strftime("%Y-%m-%d %H:%M")
-            print(f"{info.id:<24} {count:>14}  {when}")
+            print(info.describe())
     return 0
 
 

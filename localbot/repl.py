@@ -98,9 +98,7 @@ def cmd_sessions(state: ReplState, arg: str) -> None:
         state.say("no saved sessions yet")
     for info in sessions:
         mark = "*" if info.id == state.session else " "
-        count = "corrupt" if info.corrupt else f"{info.message_count} messages"
-        when = info.updated.astimezone().strftime("%Y-%m-%d %H:%M")
-        state.say(f"{mark} {info.id:<24} {count:>14}  {when}")
+        state.say(f"{mark} {info.describe()}")
 
 
 def cmd_history(state: ReplState, arg: str) -> None:

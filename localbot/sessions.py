@@ -87,6 +87,12 @@ class SessionInfo:
     def corrupt(self) -> bool:
         return self.message_count is None
 
+    def describe(self) -> str:
+        """One line for a listing: name, message count, last change (local time)."""
+        count = "corrupt" if self.corrupt else f"{self.message_count} messages"
+        when = self.updated.astimezone().strftime("%Y-%m-%d %H:%M")
+        return f"{self.id:<24} {count:>14}  {when}"
+
 
 class SessionStore:
     """A directory of session files. Cheap to create; touches the disk only when used."""
