@@ -130,6 +130,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self.kv_budget_bytes = 2 << 30  # all sessions' saved KV states together
         self.last_restore: tuple[int, float] = (0, 0.0)  # tokens restored, seconds spent
         self._turn_overhead: int | None = None
+        self._live_session: str | None = None
 
     # -------------------------------------------------------------- settings
     @property
@@ -210,8 +211,13 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         def before_model(prompt_value: Any) -> Any:
             turn.history.add_messages(turn.new)
             turn.saved_human = True
-            if self.kv_cache:
+            if self.kv_cache and turn.session_id != self._live_session:
                 self._restore_kv(turn.session_id, prompt_value.to_messages())
+            else:
+                self.last_restore = (0, 0.0)
+            # From here on llama.cpp's memory holds this session: at least as much as its saved
+            # state, so the next turn of the same session need not even look at that file.
+            self._live_session = turn.session_id
             return prompt_value
 
         return RunnableLambda(before_model, name="save_turn_and_restore_cache")

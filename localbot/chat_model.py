@@ -203,6 +203,9 @@ class ChatLlamaCpp(BaseChatModel):
     _last_stats: TurnStats | None = PrivateAttr(default=None)
     _load_seconds: float | None = PrivateAttr(default=None)
     _piece_cache: dict[tuple[str, bool], tuple[int, ...]] = PrivateAttr(default_factory=dict)
+    _prompt_cache: dict[tuple[tuple[str, str], ...], tuple[int, ...]] = PrivateAttr(
+        default_factory=dict
+    )
 
     # ----------------------------------------------------------------- identity
     @property
@@ -371,7 +374,19 @@ class ChatLlamaCpp(BaseChatModel):
 
     def prompt_ids(self, messages: Sequence[BaseMessage]) -> list[int]:
         """The token ids llama.cpp is given for ``messages`` (with the generation prompt)."""
-        turns = [{"role": message_role(m), "content": m.text} for m in messages]
+        # A turn asks for the same prompt three times (trim count, KV restore, generation):
+        # render and tokenize it once.
+        key = tuple((message_role(m), m.text) for m in messages)
+        ids = self._prompt_cache.get(key)
+        if ids is None:
+            ids = tuple(self._render_ids(key))
+            if len(self._prompt_cache) >= 8:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+            self._prompt_cache[key] = ids
+        return list(ids)
+
+    def _render_ids(self, key: tuple[tuple[str, str], ...]) -> list[int]:
+        turns = [{"role": role, "content": text} for role, text in key]
         ids: list[int] = []
         for piece in self.template.pieces(turns, add_generation_prompt=True):
             ids.extend(self._tokenize_piece(piece.text, not piece.is_content))
