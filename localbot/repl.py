@@ -40,6 +40,7 @@ class ReplState:
     session: str
     out: TextIO = sys.stdout
     process_system: str | None = None  # --system, applies to sessions without their own
+    process_vars: dict[str, str] = field(default_factory=dict)  # --var, likewise
     commands: dict[str, Callable[[ReplState, str], bool | None]] = field(default_factory=dict)
 
     def say(self, text: str = "") -> None:
@@ -70,7 +71,8 @@ def _switch(state: ReplState, name: str) -> None:
     state.session = name
     saved = load_settings(state.bot.store, name)
     state.bot.system_prompt = saved.get("system", state.process_system or DEFAULT_SYSTEM_PROMPT)
-    state.bot.variables = {**state.bot.variables, **saved.get("vars", {})}
+    # Not the previous session's variables: each session has its own, over the --var defaults.
+    state.bot.variables = {**state.process_vars, **saved.get("vars", {})}
     count = len(state.history().messages)
     status = f"resumed, {count} messages" if state.bot.store.exists(name) else "new"
     state.say(f"session {name!r} ({status})")
@@ -289,7 +291,12 @@ def _unquote(text: str) -> str:
 
 
 def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
-    state = ReplState(bot=bot, session=config["session"], process_system=config["system"])
+    state = ReplState(
+        bot=bot,
+        session=config["session"],
+        process_system=config["system"],
+        process_vars=dict(config["var"]),
+    )
     model = bot.model
     sys.stderr.write(f"loading {model.model_name} ...\r")
     sys.stderr.flush()
