@@ -38,7 +38,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.config import ensure_config
 
 from localbot.chat_model import ChatLlamaCpp
-from localbot.errors import ConfigError
+from localbot.errors import ConfigError, MissingVariableError
 from localbot.sessions import SessionHistory, SessionStore
 from localbot.trimming import DEFAULT_WATERMARK, TrimPlan, plan_trim
 
@@ -89,6 +89,22 @@ def _as_messages(value: Any) -> list[BaseMessage]:
     raise ConfigError(f"expected a message or a list of messages, got {type(value).__name__}")
 
 
+@dataclass(frozen=True)
+class _TurnCosts:
+    """Estimated template tokens: once per prompt, and around one message of each role."""
+
+    fixed: int
+    human: int
+    ai: int
+
+    def of(self, message: BaseMessage) -> int:
+        if message.type == "human":
+            return self.human
+        if message.type == "ai":
+            return self.ai
+        return max(self.human, self.ai)
+
+
 @dataclass
 class _Turn:
     """What one call knows while it runs."""
@@ -129,7 +145,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self._kv_threads: list[threading.Thread] = []
         self.kv_budget_bytes = 2 << 30  # all sessions' saved KV states together
         self.last_restore: tuple[int, float] = (0, 0.0)  # tokens restored, seconds spent
-        self._turn_overhead: int | None = None
+        self._turn_costs: tuple[tuple[str, ...], _TurnCosts] | None = None
         self._live_session: str | None = None
 
     # -------------------------------------------------------------- settings
@@ -152,22 +168,35 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     def check_variables(self, values: Mapping[str, Any]) -> None:
         missing = sorted(set(self.prompt.input_variables) - {"messages"} - set(values))
         if missing:
-            names = ", ".join("{" + m + "}" for m in missing)
-            flags = " ".join(f"--var {m}=VALUE" for m in missing)
-            raise ConfigError(
-                f"the system prompt uses {names} but no value was given (pass {flags}, "
-                "or write {{ and }} for literal braces)"
-            )
+            raise MissingVariableError(missing)
 
     # -------------------------------------------------------------- counting
     def prompt_messages(self, values: Mapping[str, Any], history: Sequence[BaseMessage]):
         return self.prompt.invoke({**values, "messages": list(history)}).to_messages()
 
-    def _message_cost(self, message: BaseMessage) -> int:
-        if self._turn_overhead is None:
-            one = self.model.get_num_tokens_from_messages([HumanMessage("")])
-            self._turn_overhead = one - self.model.get_num_tokens_from_messages([])
-        return self.model.get_num_tokens(message.text) + self._turn_overhead
+    def turn_costs(self, values: Mapping[str, Any]) -> _TurnCosts:
+        """Template tokens around the history and around one message of each role, measured in
+        place: with this system prompt ahead, inside a real conversation.
+
+        Differences of three renders (user; user, assistant; user, assistant, user) cancel what
+        every prompt has once (BOS, a default system prompt the template injects, the generation
+        prompt), so that is counted once and not charged to every message. Nothing impossible is
+        rendered: real templates read ``messages[0]`` and may insist on alternating roles.
+        """
+        head = self.prompt_messages(values, [])
+        key = tuple(m.text for m in head)
+        if self._turn_costs is None or self._turn_costs[0] != key:
+            count = self.model.get_num_tokens_from_messages
+            tokens = self.model.get_num_tokens
+            user, reply, again = HumanMessage("a"), AIMessage("b"), HumanMessage("c")
+            one = count([*head, user])
+            two = count([*head, user, reply])
+            three = count([*head, user, reply, again])
+            human = max(0, three - two - tokens(again.text))
+            ai = max(0, two - one - tokens(reply.text))
+            fixed = max(0, one - human - tokens(user.text))
+            self._turn_costs = (key, _TurnCosts(fixed, human, ai))
+        return self._turn_costs[1]
 
     def plan(
         self,
@@ -183,14 +212,35 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 f"prompt in a {self.model.context_window}-token context: lower --max-tokens or "
                 "raise --ctx"
             )
+        costs = self.turn_costs(values)
         return plan_trim(
             history,
             count_prompt=lambda msgs: self.model.get_num_tokens_from_messages(
                 self.prompt_messages(values, msgs)
             ),
-            message_cost=self._message_cost,
+            message_cost=lambda m: self.model.get_num_tokens(m.text) + costs.of(m),
+            fixed=costs.fixed,
             budget=budget,
             watermark=self.trim_watermark,
+        )
+
+    def check_fits(self, values: Mapping[str, Any] | None = None) -> None:
+        """Raise a one-line error now if no turn could ever fit: a reply budget that fills the
+        context, or a system prompt and template that leave no room for a short message."""
+        values = self._values(values or {})
+        budget = self.prompt_budget()
+        if budget > 0:
+            probe = self.prompt_messages(values, [HumanMessage("hi")])
+            needed = self.model.get_num_tokens_from_messages(probe)
+            if needed <= budget:
+                return
+            what = f"the system prompt and chat template alone take {needed} tokens, and "
+        else:
+            what = ""
+        raise ConfigError(
+            f"the context window of {self.model.context_window} tokens is too small: {what}"
+            f"replies may take up to {self.reply_budget()} tokens; raise --ctx or lower "
+            "--max-tokens"
         )
 
     # -------------------------------------------------------------- the chain

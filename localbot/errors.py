@@ -16,6 +16,28 @@ class ConfigError(LocalbotError):
     exit_code = 2
 
 
+class MissingVariableError(ConfigError):
+    """The system prompt names ``{variables}`` that were given no value."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        fields = ", ".join("{" + n + "}" for n in names)
+        super().__init__(
+            f"the system prompt uses {fields} but no value was given: pass "
+            + ", ".join(f'"{n}"' for n in names)
+            + " in the input or in build_chatbot(variables=...), or write {{ and }} for literal "
+            "braces"
+        )
+
+    def for_command_line(self) -> str:
+        fields = ", ".join("{" + n + "}" for n in self.names)
+        flags = " ".join(f"--var {n}=VALUE" for n in self.names)
+        return (
+            f"the system prompt uses {fields} but no value was given (pass {flags}, "
+            "or write {{ and }} for literal braces)"
+        )
+
+
 class ModelFileError(LocalbotError):
     """The model file is missing, is not GGUF, or is truncated/corrupt."""
 
@@ -50,3 +72,13 @@ class ManifestError(LocalbotError):
     """models/manifest.json is unreadable, or a model does not match what it records."""
 
     exit_code = 6
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that it unwinds like Ctrl-C: the partial
+    reply is saved and marked interrupted, temp files go, and the exit code names the signal.
+    Not a LocalbotError: nothing went wrong, the user (or the system) asked to stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

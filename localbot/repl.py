@@ -4,9 +4,11 @@ through a pseudo-terminal."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
@@ -14,7 +16,8 @@ from typing import Any, TextIO
 from langchain_core.messages import HumanMessage
 
 from localbot.chain import DEFAULT_SYSTEM_PROMPT, Chatbot
-from localbot.errors import ContextOverflowError, LocalbotError
+from localbot.errors import ContextOverflowError, LocalbotError, MissingVariableError, Terminated
+from localbot.reply_view import make_view
 from localbot.sessions import validate_session_id
 
 HELP = """\
@@ -39,6 +42,7 @@ class ReplState:
     bot: Chatbot
     session: str
     out: TextIO = sys.stdout
+    markdown: bool = False  # render replies as Markdown (a terminal, without --plain)
     process_system: str | None = None  # --system, applies to sessions without their own
     process_vars: dict[str, str] = field(default_factory=dict)  # --var, likewise
     commands: dict[str, Callable[[ReplState, str], bool | None]] = field(default_factory=dict)
@@ -96,8 +100,8 @@ def cmd_switch(state: ReplState, arg: str) -> None:
 
 def cmd_sessions(state: ReplState, arg: str) -> None:
     sessions = state.bot.store.list()
-    if not sessions:
-        state.say("no saved sessions yet")
+    if not any(info.id == state.session for info in sessions):
+        state.say(f"* {state.session:<24} {'(new, not saved yet)':>14}")
     for info in sessions:
         mark = "*" if info.id == state.session else " "
         state.say(f"{mark} {info.describe()}")
@@ -189,6 +193,7 @@ def cmd_stats(state: ReplState, arg: str) -> None:
         f"reply {stats.output_tokens} tokens at "
         f"{stats.generation_tokens_per_second:.1f} tok/s ({stats.finish_reason})"
     )
+    state.say(f"chat template: {state.bot.model.template_description()}")
 
 
 COMMANDS: dict[str, Callable[[ReplState, str], bool | None]] = {
@@ -222,17 +227,48 @@ def run_command(state: ReplState, line: str) -> bool:
 def chat_turn(state: ReplState, text: str) -> None:
     """Stream one reply; Ctrl-C stops it and the partial reply stays in the session."""
     stream = state.bot.stream({"messages": [HumanMessage(text)]}, state.config)
+    view = make_view(state.out, state.markdown)
+    interrupted = False
     try:
-        for chunk in stream:
-            if chunk.text:
-                state.out.write(chunk.text)
-                state.out.flush()
-    except KeyboardInterrupt:
-        state.say(" [interrupted]")
-        return
+        with _typing_hidden():
+            for chunk in stream:
+                if chunk.text:
+                    view.write(chunk.text)
+    except KeyboardInterrupt as err:
+        interrupted = True
+        if isinstance(err, Terminated):
+            raise
     finally:
-        stream.close()
-    state.say()
+        stream.close()  # stops generation now (the partial reply is saved)
+        view.finish(" [interrupted]" if interrupted else "")
+    stats = state.bot.model.last_stats
+    if interrupted and stats is not None:
+        # Ctrl-C that lands between two tokens closes the stream from outside: the model saw an
+        # abandoned stream, the user pressed Ctrl-C. /stats says what the user did.
+        stats.finish_reason = "interrupted"
+
+
+@contextlib.contextmanager
+def _typing_hidden() -> Iterator[None]:
+    """While a reply streams, keys typed are not echoed into it; they stay queued (no line
+    editing yet) and appear at the next prompt. Ctrl-C still interrupts."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def handle_line(state: ReplState, line: str) -> bool:
@@ -244,6 +280,8 @@ def handle_line(state: ReplState, line: str) -> bool:
         if text.startswith("/"):
             return run_command(state, text)
         chat_turn(state, line.strip("\n"))
+    except MissingVariableError as err:
+        state.say(f"error: {err.for_command_line()}")
     except LocalbotError as err:
         state.say(f"error: {err}")
     return False
@@ -294,6 +332,7 @@ def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
     state = ReplState(
         bot=bot,
         session=config["session"],
+        markdown=not config["plain"],
         process_system=config["system"],
         process_vars=dict(config["var"]),
     )
@@ -302,7 +341,8 @@ def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
     sys.stderr.flush()
     start = time.perf_counter()
     model.load()
-    model.template  # noqa: B018 - resolve it now, so a "no chat template" warning comes first
+    template = model.template_description()  # resolved now: a "no chat template" warning first
+    bot.check_fits()
     where = "GPU" if model.gpu_layers != 0 else "CPU"
     sys.stderr.write(" " * 60 + "\r")
     count = len(state.history().messages)
@@ -311,12 +351,15 @@ def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
         f"localbot · {model.model_name} ({model.context_window} ctx, {where}, loaded in "
         f"{time.perf_counter() - start:.1f} s) · session {state.session!r} ({status})"
     )
+    state.say(f"chat template: {template}")
     state.say("Type /help for commands, Ctrl-D to quit.")
     prompt = _prompt_session()
     try:
         while True:
             try:
                 line = prompt.prompt(">>> ")
+            except Terminated:
+                raise
             except KeyboardInterrupt:
                 state.say("(Ctrl-C at the prompt does not quit: use /exit or Ctrl-D)")
                 continue

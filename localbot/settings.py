@@ -23,9 +23,40 @@ def gpu_layers(value: str) -> int | None:
     return number
 
 
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_MAX_TOKENS = 512
+MAX_CTX = 1 << 24
+"""No model has a trained context near this; larger values only wrap around inside llama.cpp."""
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+"""Far past any speed-up; llama.cpp crashes on absurd thread counts."""
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
+        raise ValueError(value)
+    return number
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An int parser accepting ``low..high``; the error names the range."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(value) from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value!r} is out of range ({low}..{high})")
+        return number
+
+    parse.__name__ = "int"
+    return parse
+
+
+def temperature(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 100:  # also refuses nan and inf
         raise ValueError(value)
     return number
 
@@ -109,19 +140,25 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "ctx",
-        "context window in tokens (default: the model's, capped at 8192)",
-        type=positive_int,
+        "context window in tokens, rounded up to a multiple of 256 (default: the model's "
+        "trained context, capped at 8192; at most the trained context)",
+        type=bounded_int(1, MAX_CTX),
         metavar="N",
     ),
-    Setting("max_tokens", "longest reply in tokens", type=positive_int, default=512, metavar="N"),
+    Setting(
+        "max_tokens",
+        f"longest reply in tokens (default: {DEFAULT_MAX_TOKENS}; 256 for the bundled SmolLM2)",
+        type=bounded_int(1, MAX_CTX),
+        metavar="N",
+    ),
     Setting(
         "temperature",
-        "sampling temperature; 0 = greedy and deterministic",
-        type=float,
-        default=0.8,
+        f"sampling temperature; 0 = greedy and deterministic (default: {DEFAULT_TEMPERATURE}; "
+        "0.2 for the bundled SmolLM2)",
+        type=temperature,
         metavar="T",
     ),
-    Setting("seed", "random seed for sampling", type=int, metavar="N"),
+    Setting("seed", "random seed for sampling", type=bounded_int(0, 2**32 - 1), metavar="N"),
     Setting(
         "gpu_layers",
         "layers to offload to the GPU: auto (all when this llama.cpp build "
@@ -130,7 +167,12 @@ SETTINGS: tuple[Setting, ...] = (
         default=None,
         metavar="N|auto",
     ),
-    Setting("threads", "CPU threads (default: llama.cpp's choice)", type=positive_int, metavar="N"),
+    Setting(
+        "threads",
+        f"CPU threads (default: llama.cpp's choice; at most {MAX_THREADS})",
+        type=bounded_int(1, MAX_THREADS),
+        metavar="N",
+    ),
     Setting(
         "chat_format",
         "override the chat template: gemma, llama3, chatml, mistral, phi3",
@@ -157,6 +199,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "verify_model",
         "check the model's sha256 against models/manifest.json at start",
+        flag_only=True,
+    ),
+    Setting(
+        "plain",
+        "print replies as plain text, not rendered Markdown (piped output always is plain)",
         flag_only=True,
     ),
     Setting("verbose", "show llama.cpp's log and debug messages", flag_only=True, short="-v"),
@@ -202,7 +249,7 @@ def _from_env(s: Setting, raw: str) -> Any:
         if s.repeat:
             return [s.type(part) for part in raw.split(";") if part.strip()]
         return s.type(raw)
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{s.env_var}={raw!r} is not a valid value ({s.help})") from None
 
 

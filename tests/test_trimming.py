@@ -31,7 +31,12 @@ def conversation(turns: int, size: int = 100) -> list[BaseMessage]:
 
 def plan(messages, budget=1000, watermark=0.6):
     return plan_trim(
-        messages, count_prompt=count, message_cost=cost, budget=budget, watermark=watermark
+        messages,
+        count_prompt=count,
+        message_cost=cost,
+        fixed=SYSTEM,
+        budget=budget,
+        watermark=watermark,
     )
 
 
