@@ -266,7 +266,7 @@ def test_max_tokens_larger_than_the_context(test_model_path, tmp_path) -> None:
         "hi",
         home=tmp_path,
     )
-    assert_one_line_error(result, 2, "lower --max-tokens or raise --ctx")
+    assert_one_line_error(result, 2, "256 tokens is too small: replies may take up to 300 tokens")
 
 
 def test_session_management_from_the_command_line(tmp_path) -> None:
