@@ -36,7 +36,9 @@ EXIT_CODES = """exit codes:
   4    the message does not fit in the context window
   5    bad session name, or a corrupt session file (it is left untouched)
   6    models/manifest.json problem (the model does not match its record)
+  7    (python -m localbot.download) the download failed; see its --help
   130  interrupted (Ctrl-C) in one-shot mode; the partial reply is saved
+  143  terminated (SIGTERM), 129 hung up (SIGHUP): handled like Ctrl-C
 
 environment:
   LOCALBOT_HOME        moves all of localbot's data (sessions, input history)

@@ -24,15 +24,25 @@ import argparse
 import glob
 import hashlib
 import os
+import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 from urllib.parse import urlparse
 
 from localbot.catalogue import CATALOGUE, find, find_file
-from localbot.errors import ConfigError, DownloadError, LocalbotError, ManifestError
+from localbot.errors import (
+    ConfigError,
+    DownloadError,
+    LocalbotError,
+    ManifestError,
+    one_line,
+    quoted,
+)
 from localbot.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -40,6 +50,7 @@ from localbot.manifest import (
     default_models_dir,
     fsync_dir,
     is_safe_relative,
+    is_valid_name,
     load_manifest,
     verify_models,
 )
@@ -47,6 +58,12 @@ from localbot.manifest import (
 __all__ = ["ModelSpec", "fetch", "main", "parse_spec", "render_list", "verify"]
 
 Outcome = Literal["present", "adopted", "downloaded"]
+
+# The Hub's own rule for repo ids (huggingface_hub's validate_repo_id), checked here so that a bad
+# id is a usage error before any request, not an HFValidationError from deep inside the client.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+MAX_REPO_ID = 96
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,12 @@ def parse_spec(
 ) -> ModelSpec:
     """``NAME`` (from the catalogue) or ``REPO FILE`` (any ``.gguf`` on the Hub)."""
     revision = revision or "main"
+    if not is_valid_name(revision):
+        raise ConfigError(f"--revision {quoted(revision)} is not a branch, tag or commit")
+    if name is not None and not is_valid_name(name):
+        raise ConfigError(
+            f"--name {quoted(name)} is not a usable name (printable characters, at most 200)"
+        )
     if len(words) == 1:
         entry = find(words[0])
         if entry is None:
@@ -83,14 +106,28 @@ def parse_spec(
         return ModelSpec(name or entry.name, entry.repo, entry.file, revision)
     if len(words) == 2:
         repo, file = words
-        if repo.count("/") != 1 or not all(repo.split("/")):
-            raise ConfigError(f"{repo!r} is not a Hub repo id (expected OWNER/NAME)")
+        if not is_repo_id(repo):
+            raise ConfigError(
+                f"{quoted(repo)} is not a Hub repo id (expected OWNER/NAME: letters, digits, "
+                "'-', '_', '.', at most 96 characters, no '..' or '--')"
+            )
         if not file.lower().endswith(".gguf") or not is_safe_relative(file):
-            raise ConfigError(f"{file!r} is not a .gguf file name inside the repo")
+            raise ConfigError(f"{quoted(file)} is not a .gguf file name inside the repo")
         known = find_file(repo, file)
         default_name = known.name if known else Path(file).stem
         return ModelSpec(name or default_name, repo, file, revision)
     raise ConfigError("Give a model NAME (see --list), or REPO FILE, or use --list / --verify")
+
+
+def is_repo_id(repo: str) -> bool:
+    """Whether ``repo`` is a valid ``OWNER/NAME`` on the Hub."""
+    return (
+        len(repo) <= MAX_REPO_ID
+        and _REPO_ID.fullmatch(repo) is not None
+        and ".." not in repo
+        and "--" not in repo
+        and not repo.endswith(".git")
+    )
 
 
 def fetch(spec: ModelSpec, models_dir: Path, *, force: bool = False) -> tuple[ModelEntry, Outcome]:
@@ -112,10 +149,11 @@ def fetch(spec: ModelSpec, models_dir: Path, *, force: bool = False) -> tuple[Mo
 
     if constants.is_offline_mode():
         raise DownloadError(_offline(spec, models_dir, "HF_HUB_OFFLINE is set"))
+    _check_writable(target.parent)  # before any request: a bad --dir fails at once
     remote = _resolve(spec, models_dir)
     outcome: Outcome = "downloaded"
     sha256 = None
-    if not force and target.is_file() and remote.size in (None, target.stat().st_size):
+    if not force and target.is_file() and remote.size == target.stat().st_size:
         sha256, observed = _hash_file(target, remote)
         outcome = "adopted" if observed == remote.digest else "downloaded"
     if outcome == "downloaded":
@@ -137,6 +175,20 @@ def fetch(spec: ModelSpec, models_dir: Path, *, force: bool = False) -> tuple[Mo
     return entry, outcome
 
 
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and make sure a file can be written in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".localbot-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DownloadError(
+            f"Cannot write to the models directory {directory}: {e.strerror or e} (pass --dir "
+            "DIR or set LOCALBOT_MODELS_DIR to a folder you can write to)"
+        ) from e
+
+
 def _recorded(manifest: Manifest, spec: ModelSpec) -> ModelEntry | None:
     """The manifest's entry for this repo, file and revision, if its file is there (size only)."""
     for entry in (manifest.models.get(spec.name), *manifest.models.values()):
@@ -156,7 +208,7 @@ class _Remote:
     url: str
     headers: dict[str, str]
     commit: str
-    size: int | None
+    size: int
     digest: str
     """sha256 for LFS files (every GGUF); the git blob sha1 for small files kept in git."""
 
@@ -168,6 +220,7 @@ def _resolve(spec: ModelSpec, models_dir: Path) -> _Remote:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -175,10 +228,12 @@ def _resolve(spec: ModelSpec, models_dir: Path) -> _Remote:
     )
     from huggingface_hub.utils import build_hf_headers
 
-    url = hf_hub_url(spec.repo, spec.file, revision=spec.revision)
     where = f"{spec.repo} at revision {spec.revision!r}"
     try:
+        url = hf_hub_url(spec.repo, spec.file, revision=spec.revision)
         meta = get_hf_file_metadata(url)
+    except HFValidationError as e:  # parse_spec checks the same rules; this is the backstop
+        raise ConfigError(f"Not a valid Hub request: {_one_line(e)}") from e
     except (OfflineModeIsEnabled, httpx2.TransportError) as e:
         reason = f"cannot reach {constants.ENDPOINT}: {_one_line(e)}"
         raise DownloadError(_offline(spec, models_dir, reason)) from e
@@ -215,6 +270,11 @@ def _resolve(spec: ModelSpec, models_dir: Path) -> _Remote:
             f"The Hub gave no checksum for {spec.file} in {where} (ETag {meta.etag!r}), so the "
             "download could not be verified; refusing it"
         )
+    if meta.size is None or meta.size < 0:
+        raise DownloadError(
+            f"The Hub did not announce the size of {spec.file} in {where}, so the download could "
+            "not be bounded; refusing it"
+        )
     headers = build_hf_headers()
     download_url = meta.location
     if download_url == url:  # not redirected to a CDN: pin the commit we just resolved
@@ -243,38 +303,70 @@ def _part_path(target: Path, remote: _Remote) -> Path:
     return target.with_name(f"{target.name}.{remote.digest[:16]}.part")
 
 
+class _Oversize(Exception):
+    """The server sent more bytes than it announced."""
+
+
+class _BoundedFile:
+    """The ``.part`` file as ``http_get`` sees it: a write that would take the file past the
+    announced size raises instead (a server that announces 1,000 bytes and then streams forever
+    must not fill the disk)."""
+
+    def __init__(self, f: BinaryIO, limit: int) -> None:
+        self._f, self._limit = f, limit
+
+    def write(self, chunk: bytes) -> int:
+        if self._f.tell() + len(chunk) > self._limit:
+            raise _Oversize
+        return self._f.write(chunk)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, truncate, flush: the real file's
+        return getattr(self._f, name)
+
+
 def _download(spec: ModelSpec, remote: _Remote, target: Path) -> str:
     """Fetch into the ``.part`` file (resuming it), check its hash, move it into place."""
     import httpx2
     from huggingface_hub.file_download import http_get
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(target.parent)
     part = _part_path(target, remote)
     for stale in target.parent.glob(glob.escape(target.name) + ".*.part"):
         if stale != part:  # from an older version of the file
             stale.unlink()
     have = part.stat().st_size if part.is_file() else 0
-    if remote.size is not None and have > remote.size:
+    if have > remote.size:
         part.unlink()
         have = 0
+    free = shutil.disk_usage(target.parent).free
+    if remote.size - have > free:
+        raise DownloadError(
+            f"{spec.file} needs {remote.size - have:,} more bytes but {target.parent} has "
+            f"{free:,} free; free some space or pass --dir DIR on a bigger disk"
+        )
     if have:
         print(f"Resuming {spec.file} from {_size(have)}", file=sys.stderr)
     try:
         with open(part, "ab") as f:
             http_get(
                 remote.url,
-                f,
+                _BoundedFile(f, remote.size),  # type: ignore[arg-type]
                 resume_size=have,
                 headers=remote.headers,
                 expected_size=remote.size,
                 displayed_filename=spec.file,
             )
-    except (httpx2.HTTPError, OSError) as e:
-        got = part.stat().st_size if part.is_file() else 0
-        of = f" of {remote.size:,}" if remote.size is not None else ""
+    except _Oversize:
+        part.unlink()
         raise DownloadError(
-            f"Download of {spec.file} stopped at {got:,}{of} bytes ({_one_line(e)}); run the same "
-            "command again to resume"
+            f"The server sent more than the {remote.size:,} bytes it announced for {spec.file}; "
+            "the download was stopped and deleted (a broken proxy or mirror?)"
+        ) from None
+    except (httpx2.HTTPError, OSError, ValueError) as e:  # ValueError: http_get's size limit
+        got = part.stat().st_size if part.is_file() else 0
+        raise DownloadError(
+            f"Download of {spec.file} stopped at {got:,} of {remote.size:,} bytes "
+            f"({_one_line(e)}); run the same command again to resume"
         ) from e
 
     sha256, observed = _hash_file(part, remote)
@@ -375,14 +467,25 @@ def _short(digest: str) -> str:
     return f"{digest[:16]}…"
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
+def _one_line(e: BaseException | str) -> str:
+    return one_line(str(e), 1000) or type(e).__name__
+
+
+EXIT_CODES = f"""exit codes:
+  0    success (--verify: every model matches)
+  1    other error (a file that cannot be written)
+  {ConfigError.exit_code}    bad usage: unknown flag or model name, bad repo id or file name
+  {ManifestError.exit_code}    models/manifest.json is corrupt, or --verify found a changed or
+       missing model
+  {DownloadError.exit_code}    the download failed: the Hub is unreachable or refuses, or the bytes
+       do not match its hash
+  130  interrupted (run the same command again to resume)
+"""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(ConfigError.exit_code, f"error: {message} (see --help)\n")
+        self.exit(ConfigError.exit_code, f"localbot: error: {_one_line(message)} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -390,6 +493,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m localbot.download",
         description="Download a GGUF model from the Hugging Face Hub into models/, verify its "
         "sha256 against the Hub's, and record it in models/manifest.json.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "model",
@@ -456,10 +561,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{entry.name} is now the default model")
         return 0
     except LocalbotError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"localbot: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file that cannot be written after all (a full or read-only disk)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"localbot: error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        print("\nlocalbot: interrupted: run the same command again to resume", file=sys.stderr)
         return 130
 
 

@@ -63,9 +63,9 @@ class SessionError(LocalbotError):
 
 
 class DownloadError(LocalbotError):
-    """A model could not be fetched or failed verification."""
+    """A model could not be fetched or failed verification (``python -m localbot.download``)."""
 
-    exit_code = 6
+    exit_code = 7
 
 
 class ManifestError(LocalbotError):
@@ -82,3 +82,18 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` fit for a one-line message: each run of whitespace (newlines included) becomes one
+    space, any other unprintable character is escaped, and it is cut at ``limit`` characters.
+    Hub errors, llama.cpp's log and exception texts can hold anything."""
+    flat = " ".join(text.split())
+    flat = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in flat)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def quoted(text: str, limit: int = 100) -> str:
+    """User or file input quoted for a one-line message: ``'a\\nb'``, never a raw newline."""
+    shown = repr(text) if text.isprintable() else ascii(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

@@ -28,10 +28,12 @@ air-gapped machine included) and still verify. ``"default"`` is optional.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import suppress
@@ -39,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from localbot.errors import ConfigError, ManifestError
+from localbot.errors import ConfigError, ManifestError, one_line, quoted
 from localbot.paths import data_home
 
 MANIFEST_NAME = "manifest.json"
@@ -182,55 +184,82 @@ def load_manifest(models_dir: str | os.PathLike[str] | None = None) -> Manifest:
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
     manifest = Manifest(models_dir)
     try:
-        text = manifest.path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        raw = _read_small_file(manifest.path)
+    except (FileNotFoundError, NotADirectoryError):  # no such file (or no such directory)
         return manifest
     except OSError as e:
         raise ManifestError(f"Cannot read {manifest.path}: {e.strerror or e}") from e
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{manifest.path} is corrupt ({e}); {_REPAIR}") from e
+        # utf-8-sig: a BOM (an editor on Windows) is accepted, as for session files.
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 100k-deep nesting, huge ints
+        reason = "nested too deeply" if isinstance(e, RecursionError) else one_line(str(e), 200)
+        raise ManifestError(f"{manifest.path} is corrupt ({reason}); {_REPAIR}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise _ForeignManifest(f"{manifest.path} is not a localbot manifest; {_REPAIR}")
-    if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
         raise ManifestError(
-            f"{manifest.path} has version {data.get('version')!r}, this localbot reads "
+            f"{manifest.path} has version {one_line(repr(version), 40)}, this localbot reads "
             f"version {VERSION}: upgrade localbot"
         )
     models = data.get("models", {})
     default = data.get("default")
-    if not isinstance(models, dict) or not (default is None or isinstance(default, str)):
+    if not isinstance(models, dict) or not (default is None or is_valid_name(default)):
         raise ManifestError(f"{manifest.path} is corrupt (bad 'models' or 'default'); {_REPAIR}")
-    for name, raw in models.items():
-        manifest.models[name] = _entry(manifest.path, name, raw)
+    for name, raw_entry in models.items():
+        manifest.models[name] = _entry(manifest.path, name, raw_entry)
     manifest.default = default
     return manifest
+
+
+MAX_MANIFEST_BYTES = 16 << 20
+"""Far more than any real manifest (~300 bytes per model); a bigger file is not ours."""
+
+
+def _read_small_file(path: Path) -> bytes:
+    """The bytes of ``path``, refusing a FIFO or device (no blocking open) and huge files."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, more than a manifest can be")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise OSError(errno.EFBIG, "it grew past the size a manifest can be")
+        return data
+    finally:
+        os.close(fd)
+
+
+def is_valid_name(value: object) -> bool:
+    """A model name or text field that prints on one line: no control or separator characters."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable()
 
 
 _REPAIR = f"restore it from a copy, or delete it and download again with {DOWNLOAD_HINT}"
 
 
 def _entry(manifest_path: Path, name: str, raw: object) -> ModelEntry:
-    fields = {
-        "repo": str,
-        "file": str,
-        "revision": str,
-        "size": int,
-        "sha256": str,
-        "downloaded_at": str,
-    }
+    texts = ("repo", "file", "revision", "sha256", "downloaded_at")
     bad = (
-        not isinstance(raw, dict)
-        or any(not isinstance(raw.get(key), kind) for key, kind in fields.items())
-        or not isinstance(raw.get("ref", "main"), str)
+        not is_valid_name(name)
+        or not isinstance(raw, dict)
+        or any(not is_valid_name(raw.get(key)) for key in texts)
+        or not is_valid_name(raw.get("ref", "main"))
+        or not isinstance(raw.get("size"), int)
         or isinstance(raw["size"], bool)
-        or raw["size"] < 0
+        or not 0 <= raw["size"] <= MAX_MODEL_BYTES
         or not _SHA256.fullmatch(raw["sha256"])
         or not is_safe_relative(raw["file"])
     )
     if bad:
-        raise ManifestError(f"{manifest_path} is corrupt (entry {name!r} is invalid); {_REPAIR}")
+        raise ManifestError(
+            f"{manifest_path} is corrupt (entry {quoted(name, 60)} is invalid); {_REPAIR}"
+        )
     assert isinstance(raw, dict)
     return ModelEntry(
         name=name,
@@ -244,11 +273,16 @@ def _entry(manifest_path: Path, name: str, raw: object) -> ModelEntry:
     )
 
 
+MAX_MODEL_BYTES = (1 << 63) - 1
+"""What a file size can be (off_t); a bigger recorded size is corruption, not a model."""
+
+
 def is_safe_relative(file: str) -> bool:
     """Whether ``file`` stays inside the models directory: relative, no ``..``, no drive."""
     pure = PurePosixPath(file)
     return (
         bool(file)
+        and file.isprintable()  # no NUL (a ValueError in every path call), no newline
         and "\\" not in file
         and ":" not in file
         and not pure.is_absolute()

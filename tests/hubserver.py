@@ -12,7 +12,8 @@ What the client asks for (read from huggingface_hub 2.4's ``file_download.py``):
 
 Knobs per file: serve other bytes than the ones hashed (``serve``), drop the connection once the
 transfer reaches byte ``cut_after`` (``cuts`` times), stall at ``stall_after`` until
-``release()`` (so a test can kill the client mid-download), or ignore ``Range`` (``ranges``).
+``release()`` (so a test can kill the client mid-download), ignore ``Range`` (``ranges``), or
+stream without end after announcing the size (``endless``).
 Every request is logged in ``hub.requests``.
 """
 
@@ -43,6 +44,11 @@ class HubFile:
     """Send up to this offset, then hang until ``FakeHub.release()``, then drop the connection."""
     ranges: bool = True
     """Honour ``Range`` requests (some CDNs ignore them and send the whole file with 200)."""
+    announced_size: int | None = None
+    """The size HEAD announces for an LFS file (``X-Linked-Size``) instead of the real one."""
+    endless: bool = False
+    """Answer GET with no Content-Length and stream bytes until the client hangs up (HEAD still
+    announces the real size): a hostile or broken server."""
 
     @property
     def sha256(self) -> str:
@@ -212,6 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(parsed[1])
             end = min(int(parsed[2]), total - 1) if parsed[2] else total - 1
             status = 206
+        if hub_file.endless and not head:
+            self._send_endless(entry, hub_file)
+            return
         entry.status = status
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
@@ -221,13 +230,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Repo-Commit", self.hub.commit)
         if hub_file.lfs:
             self.send_header("X-Linked-Etag", f'"{hub_file.sha256}"')
-            self.send_header("X-Linked-Size", str(len(hub_file.content)))
+            announced = hub_file.announced_size
+            size = len(hub_file.content) if announced is None else announced
+            self.send_header("X-Linked-Size", str(size))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{total}")
         self.end_headers()
         if head:
             return
         self._send_body(entry, hub_file, body, start, end + 1)
+
+    ENDLESS_CAP = 1 << 30
+    """Even an endless body stops here, so a client that never hangs up fails its test, not CI."""
+
+    def _send_endless(self, entry: LoggedRequest, f: HubFile) -> None:
+        entry.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Connection", "close")  # the body ends when the connection does
+        self.send_header("X-Repo-Commit", self.hub.commit)
+        self.end_headers()
+        self.close_connection = True
+        chunk = (f.content * (1 + (1 << 16) // max(len(f.content), 1)))[: 1 << 16]
+        try:
+            while entry.sent < self.ENDLESS_CAP:
+                self.wfile.write(chunk)
+                entry.sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _send_body(
         self, entry: LoggedRequest, f: HubFile, body: bytes, start: int, stop: int

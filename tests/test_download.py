@@ -24,6 +24,7 @@ import pytest
 from hubserver import FakeHub
 
 from localbot.download import main
+from localbot.errors import DownloadError
 from localbot.manifest import Manifest, ModelEntry, load_manifest, resolve_model
 
 pytestmark = pytest.mark.enable_socket  # the fake Hub listens on 127.0.0.1
@@ -126,7 +127,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
+    assert lines[0].startswith("localbot: error: ")
     for needle in needles:
         assert needle in lines[0]
     return lines[0]
@@ -292,7 +293,7 @@ def test_bytes_that_do_not_match_the_hub_hash_are_rejected(
 
     result = cli(REPO, FILE, HF_HUB_DISABLE_PROGRESS_BARS="1")
 
-    assert result.returncode == 6
+    assert result.returncode == DownloadError.exit_code
     line = assert_one_line_error(result, FILE, "failed verification", "nothing was installed")
     assert hashlib.sha256(small_gguf).hexdigest()[:16] in line
     assert not (models_dir / FILE).exists()
@@ -323,7 +324,7 @@ def test_what_the_hub_does_not_have_is_one_clear_line(
 
     result = cli(*args)
 
-    assert result.returncode == 6
+    assert result.returncode == DownloadError.exit_code
     assert_one_line_error(result, *needles)
     assert not models_dir.exists() or list(models_dir.iterdir()) == []
 
@@ -343,7 +344,7 @@ def test_offline_without_the_file_says_what_to_copy_where(
         "copy qwen2.5-1.5b-instruct-q4_k_m.gguf and manifest.json",
         f"into {models_dir}",
     )
-    assert result.returncode == 6
+    assert result.returncode == DownloadError.exit_code
     assert line.count(". ") == 0  # one sentence
     assert hub.requests == []
 
@@ -353,7 +354,7 @@ def test_no_network_without_the_file_says_what_to_copy_where(cli: Cli, models_di
 
     result = cli(REPO, FILE, endpoint=endpoint)
 
-    assert result.returncode == 6
+    assert result.returncode == DownloadError.exit_code
     assert_one_line_error(
         result,
         f"cannot reach {endpoint}",
@@ -472,7 +473,7 @@ def test_verify_reports_ok_changed_and_missing(
         "truncated": "changed",
     }
     assert err.count("\n") == 1
-    assert err.startswith("error: 3 of 4 models failed verification")
+    assert err.startswith("localbot: error: 3 of 4 models failed verification")
     assert "--force" in err
 
 
@@ -550,7 +551,7 @@ def test_bad_flags_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("error: argument --verify: not allowed with argument --list")
+    assert err.startswith("localbot: error: argument --verify: not allowed with argument --list")
 
 
 def test_corrupt_manifest_is_one_line(models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -585,3 +586,12 @@ def test_the_script_wrapper_runs_the_same_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "No models recorded" in result.stdout
     assert json.loads((models / "manifest.json").read_text())["models"] == {}
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"{DownloadError.exit_code}    the download failed" in out
+    assert "6    models/manifest.json is corrupt" in out
