@@ -276,6 +276,12 @@ def handle_line(state: ReplState, line: str) -> bool:
     text = line.strip()
     if not text:
         return False
+    if not _is_valid_text(text):
+        # prompt_toolkit hands over bytes that are not UTF-8 as lone surrogates.
+        state.say(
+            "error: that line is not valid UTF-8 (check the terminal's encoding); nothing was sent"
+        )
+        return False
     try:
         if text.startswith("/"):
             return run_command(state, text)
@@ -285,6 +291,14 @@ def handle_line(state: ReplState, line: str) -> bool:
     except LocalbotError as err:
         state.say(f"error: {err}")
     return False
+
+
+def _is_valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _prompt_session():
@@ -311,10 +325,18 @@ def _prompt_session():
     def _(event) -> None:
         event.current_buffer.insert_text("\n")
 
+    class SafeFileHistory(FileHistory):
+        """Input history that survives a line with bytes that are not UTF-8 (prompt_toolkit
+        passes them on as lone surrogates, which ``FileHistory`` cannot write)."""
+
+        def store_string(self, string: str) -> None:
+            fixed = string.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            super().store_string(fixed)
+
     home = data_home()
     home.mkdir(parents=True, exist_ok=True)
     return PromptSession(
-        history=FileHistory(str(home / "input_history")),
+        history=SafeFileHistory(str(home / "input_history")),
         key_bindings=bindings,
         multiline=True,
         prompt_continuation="... ",

@@ -162,6 +162,13 @@ def test_multiline_input(test_model_path: Path, tmp_path: Path) -> None:
     child.send("first\x1b\rsecond\r")  # Esc, Enter inserts a new line
     child.expect_exact(PROMPT)
     assert saved(tmp_path)[2]["data"]["content"] == "first\nsecond"
+    # Bytes that are not UTF-8 (a terminal in Latin-1): refused in one line, nothing sent, the
+    # REPL (and its input history file) carries on.
+    os.write(child.child_fd, b"caf\xe9 \xff\r")
+    child.expect_exact(PROMPT)
+    assert "not valid UTF-8" in child.before
+    assert "Traceback" not in child.before
+    assert len(saved(tmp_path)) == 4
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
 
