@@ -395,7 +395,8 @@ def test_listing_reports_each_bad_file_as_corrupt(tmp_path: Path) -> None:
 def test_prompt_on_a_session_with_bad_tool_calls_is_exit_5(
     tmp_path: Path, test_model_path: Path
 ) -> None:
-    case = Case(_tool_calls, ("-p", "hi", "-s", "bad", "--max-tokens", "1"), 5, "bad.json")
+    args = ("-p", "hi", "-s", "bad", "--max-tokens", "1", "--chat-format", "gemma")
+    case = Case(_tool_calls, args, 5, "bad.json")
     run_case(case, tmp_path, "--model", str(test_model_path))
 
 
