@@ -5,12 +5,22 @@ are flushed and fsynced, then ``os.replace`` swaps it in and the directory is fs
 rename itself survives a power cut. A reader therefore sees the old file or the new one, never a
 mix, and needs no lock. Writers that read-modify-write take :func:`exclusive_lock` so concurrent
 processes do not lose each other's updates.
+
+Temp files this process creates are tracked until they are renamed or removed, so that
+:func:`remove_own_temps` (registered with ``atexit``, and meant for signal handlers too) can delete
+what an interrupted write leaves; ones left by a killed process go by :func:`remove_stale_temps`.
+
+Data files are read with :func:`read_file`: opened with ``O_NONBLOCK`` and checked to be regular
+files before a byte is read, so a FIFO or device in their place is an error, never a hang.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,26 +31,114 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["exclusive_lock", "fsync_directory", "remove_stale_temps", "write_atomic"]
+__all__ = [
+    "FileTypeError",
+    "exclusive_lock",
+    "forget_temp",
+    "fsync_directory",
+    "make_temp",
+    "read_file",
+    "remove_own_temps",
+    "remove_stale_temps",
+    "write_atomic",
+]
 
 TEMP_MARKER = ".tmp-"
 """Temp files are named ``.<target name>.tmp-<random>``: hidden, and never mistaken for data."""
 
+_own_temps: set[str] = set()
+
+
+class FileTypeError(OSError):
+    """A data file that is not a regular file, is a link we do not follow, or is too large.
+    ``strerror`` says which, in words that fit after the file's name."""
+
+
+def make_temp(path: Path) -> str:
+    """Create an empty temp file (0600) next to ``path`` for a write that will replace it; it is
+    tracked until :func:`forget_temp`, so :func:`remove_own_temps` can clean it up."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    os.close(fd)
+    _own_temps.add(tmp)
+    return tmp
+
+
+def forget_temp(tmp: str, *, remove: bool = False) -> None:
+    """Stop tracking ``tmp`` (renamed into place, or about to be removed: ``remove=True``)."""
+    if remove:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _own_temps.discard(tmp)
+
+
+def remove_own_temps() -> None:
+    """Delete every temp file this process created and has not yet renamed into place.
+
+    Safe to call from a signal handler or at exit while a write is in flight: the writer's rename
+    then fails (the temp is gone) and the target keeps its old contents.
+    """
+    for tmp in list(_own_temps):
+        forget_temp(tmp, remove=True)
+
+
+atexit.register(remove_own_temps)
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash at any point leaves old or new, not a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        forget_temp(tmp, remove=True)
         raise
+    forget_temp(tmp)
     fsync_directory(path.parent)
+
+
+def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file ``path``, without ever blocking on a FIFO or a device.
+
+    Raises ``FileNotFoundError`` when it is missing, :class:`FileTypeError` when it is not a
+    regular file, is a link and ``follow_symlinks`` is false, or holds more than ``max_bytes``;
+    any other ``OSError`` as the system reports it.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow_symlinks and os.path.islink(path):
+            raise FileTypeError(
+                errno.ELOOP, "is a symbolic link, which localbot does not follow", str(path)
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "is not a regular file (a FIFO, socket, device or directory)"
+            raise FileTypeError(errno.EINVAL, kind, str(path))
+        if st.st_size > max_bytes:
+            raise FileTypeError(
+                errno.EFBIG, f"is larger than {max_bytes:,} bytes ({st.st_size:,})", str(path)
+            )
+        chunks = []
+        left = max_bytes + 1  # the size can grow while we read: never take more than allowed
+        want = st.st_size + 1  # one read takes the whole file (no copy to join); the next, EOF
+        while left > 0 and (chunk := os.read(fd, min(want, left))):
+            chunks.append(chunk)
+            left -= len(chunk)
+            want = 1024**2
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise FileTypeError(errno.EFBIG, f"is larger than {max_bytes:,} bytes", str(path))
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def fsync_directory(directory: Path) -> None:
@@ -75,10 +173,13 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 def _acquire(lock_path: Path) -> int:
     """Open and flock ``lock_path``, retrying while another holder replaces it under us."""
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
-        fd = os.open(lock_path, flags, 0o600)
+        fd = os.open(lock_path, flags, 0o600)  # a directory or a link fails here
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FileTypeError(errno.EINVAL, "is not a regular file", str(lock_path))
             fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, lock_path):
                 return fd

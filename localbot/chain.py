@@ -359,7 +359,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
 
     # -------------------------------------------------------------- KV state
     def _kv_path(self, session_id: str):
-        return self.store.path_for(session_id).with_suffix(".kvstate")
+        return self.store.kv_state_path(session_id)
 
     def _restore_kv(self, session_id: str, messages: list[BaseMessage]) -> None:
         from localbot import kv_state
@@ -378,7 +378,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         def save() -> None:
             try:
                 kv_state.save_state(self.model, path)
-                kv_state.prune_states(path.parent, self.kv_budget_bytes)
+                kv_state.prune_states(self.store.root, self.kv_budget_bytes)
             except Exception:  # a cache that fails to save costs speed, never data
                 log.debug("could not save KV state to %s", path, exc_info=True)
 

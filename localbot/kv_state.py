@@ -1,16 +1,27 @@
 """KV state across restarts: save llama.cpp's evaluated tokens and their KV cache next to a
 session, and restore them when the session resumes, so a resumed session reads only its new message.
 
-Files, for a session ``<id>`` kept as ``<sessions>/<id>.json``:
+Files, for a session ``<id>``, in its sidecar folder ``<sessions>/.sidecars/<id>/``
+(``SessionStore.kv_state_path``), so renaming or deleting the session takes them along:
 
-* ``<id>.kvstate``: llama.cpp's own session file (``llama_state_save_file``: magic, version,
-  token list, then the context state with the KV cache). Binary, never decoded by Python: it is
-  only handed to ``llama_state_load_file``, and only after its size and sha256 matched the meta.
-* ``<id>.kvstate.meta``: JSON saying what the state belongs to (model file, context settings,
-  chat template, the token list) and the state file's size and sha256.
+* ``kvstate``: llama.cpp's own session file (``llama_state_save_file``: magic, version, token
+  list, then the context state with the KV cache). Binary, never decoded by Python: it is only
+  handed to ``llama_state_load_file``, and only when it is the very file we wrote (below).
+* ``kvstate.meta``: JSON saying what the state belongs to (model file, context settings, chat
+  template, the token list) and which file we wrote.
 
-Both are ``<id>.*`` sidecars to the session store, so renaming or deleting a session takes them
-along. Neither name ends in ``.json`` (that would read as another session's id).
+Trust: only our own files. After writing the state we fsync it, rename it into place and record
+its size, inode, mtime and ctime (nanoseconds) in the meta; a restore opens the file (no links,
+no FIFOs: ``O_NOFOLLOW | O_NONBLOCK``) and requires all four to match. Any write to the file after
+ours moves its ctime, which no program can set back (``utime`` sets only atime and mtime), and a
+copy or a replacement is another inode, so flipped bits with a "re-signed" meta, a state from
+another machine, or a restored backup are all refused (the prompt is re-read once) in O(1),
+without hashing: a 10 GB sparse file whose size matches is refused as fast as a 1 KB one.
+Chosen over a keyed MAC because the MAC's key would sit, readable, in the same user's files: it
+adds a file to manage and protects against nobody the stat check does not. What neither catches
+is a same-user program that edits the state and then rewrites the meta with the new stat values;
+such a program can edit the session history just as well. Bit rot that the file system does not
+report is not detected either (no content hash: that was 55 s per start for 10 GB).
 
 A state is restored only when everything it records matches the running model and the new prompt
 shares a prefix with its tokens longer than what the model already holds in memory. Anything else
@@ -40,18 +51,27 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localbot.atomic import TEMP_MARKER, fsync_directory, write_atomic
+from localbot.atomic import (
+    TEMP_MARKER,
+    FileTypeError,
+    forget_temp,
+    fsync_directory,
+    make_temp,
+    read_file,
+    write_atomic,
+)
+from localbot.paths import KV_META_FILE, KV_STATE_FILE, SIDECAR_ROOT
 
 if TYPE_CHECKING:
     from localbot.chat_model import ChatLlamaCpp
@@ -60,7 +80,6 @@ log = logging.getLogger("localbot.kv_state")
 
 __all__ = [
     "DEFAULT_MAX_TOTAL_BYTES",
-    "STATE_SUFFIX",
     "drop_unsafe_cache",
     "meta_path",
     "prune_states",
@@ -70,16 +89,15 @@ __all__ = [
 ]
 
 FORMAT = "localbot-kvstate"
-FORMAT_VERSION = 1
-STATE_SUFFIX = ".kvstate"
+FORMAT_VERSION = 2  # 2: the state file is trusted by its stat stamp, not a sha256
 META_SUFFIX = ".meta"
 DEFAULT_MAX_TOTAL_BYTES = 2 * 1024**3
-"""Default disk budget for all saved states in one directory (see :func:`prune_states`)."""
+"""Default disk budget for all saved states of one session store (see :func:`prune_states`)."""
 
 _MAX_META_BYTES = 64 * 1024**2
 _FINGERPRINT_BYTES = 1024**2
-_HASH_CHUNK = 4 * 1024**2
 _STALE_TEMP_AGE_S = 60.0
+_STAMP_KEYS = ("size", "inode", "mtime_ns", "ctime_ns")
 
 # Context settings that change what the KV cache holds or how it is laid out.
 _KV_CONTEXT_PARAMS = (
@@ -108,9 +126,20 @@ class _Rejected(Exception):
 
 
 def meta_path(path: Path | str) -> Path:
-    """The metadata file of the state file ``path`` (``<id>.kvstate`` -> ``<id>.kvstate.meta``)."""
+    """The metadata file of the state file ``path`` (``kvstate`` -> ``kvstate.meta``)."""
     path = Path(path)
     return path.with_name(path.name + META_SUFFIX)
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    """What identifies the exact file we wrote: any later write moves ctime; a copy is another
+    inode (see the module docstring)."""
+    return {
+        "size": st.st_size,
+        "inode": st.st_ino,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
 # --------------------------------------------------------------------------- identity
@@ -200,26 +229,18 @@ def reusable_tokens(llama: Any, prompt_ids: Sequence[int]) -> int:
     return _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
 
 
-def _hash_fd(fd: int) -> tuple[int, str]:
-    """Size and sha256 of the open file ``fd``, read from its start."""
-    digest = hashlib.sha256()
-    size = 0
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, _HASH_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- save
 
 
 def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
-    """Save the loaded model's evaluated tokens and KV cache to ``path`` (``<id>.kvstate``) and
-    its metadata to ``<id>.kvstate.meta``; return the bytes written, or None when there was
-    nothing to save (model not loaded, nothing evaluated) or saving failed (logged).
+    """Save the loaded model's evaluated tokens and KV cache to ``path`` (``kvstate``) and its
+    metadata to ``kvstate.meta`` next to it (the folder is created); return the bytes written, or
+    None when there was nothing to save (model not loaded, nothing evaluated) or saving failed
+    (logged).
 
-    Both files are replaced atomically (temp file, fsync, rename). Takes ``model._run_lock``:
+    Both files are replaced atomically (temp file, fsync, rename); a temp file an interrupted
+    save leaves is removed by ``localbot.atomic.remove_own_temps`` (at exit, or from a signal
+    handler), or by the next save or prune once it is a minute old. Takes ``model._run_lock``:
     do not call it from inside a generation on the same thread.
     """
     import llama_cpp
@@ -231,6 +252,7 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
     start = time.perf_counter()
     tmp: str | None = None
     try:
+        _prepare_folder(path)
         with model._run_lock:
             n = int(llama.n_tokens)
             if n <= 0:
@@ -250,20 +272,20 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
                     return None
             tokens = [int(t) for t in llama.input_ids[:n]]
             identity = _identity(model, llama)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
-            os.close(fd)
+            tmp = make_temp(path)
             array = (llama_cpp.llama_token * n)(*tokens)
             if not llama_cpp.llama_state_save_file(ctx, os.fsencode(tmp), array, n):
                 log.warning("llama.cpp could not save the KV state to %s", path)
                 return None
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             os.fsync(fd)
-            size, digest = _hash_fd(fd)
+            os.replace(tmp, path)
+            forget_temp(tmp)
+            tmp = None
+            stamp = _stamp(os.fstat(fd))  # after the rename: some file systems move ctime then
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -271,7 +293,7 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
             "n_tokens": n,
             "tokens_sha256": _tokens_sha256(tokens),
             "tokens": tokens,
-            "state": {"size": size, "sha256": digest},
+            "state": stamp,
             "created": time.time(),
         }
         data = json.dumps(meta, separators=(",", ":")).encode()
@@ -281,8 +303,8 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
         return None
     finally:
         if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            forget_temp(tmp, remove=True)
+    size = stamp["size"]
     log.debug(
         "saved %d tokens of KV state to %s (%d bytes, %.3f s)",
         n,
@@ -293,6 +315,15 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
     return size + len(data)
 
 
+def _prepare_folder(path: Path) -> None:
+    """Create the state's folder; refuse one that is a link; clear a killed save's old temps."""
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise FileTypeError(errno.ELOOP, "is a link, which localbot does not follow", str(folder))
+    _remove_temps(folder, (path.name, meta_path(path).name), _STALE_TEMP_AGE_S)
+
+
 # --------------------------------------------------------------------------- restore
 
 
@@ -300,16 +331,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     """The parsed, structurally checked metadata of state ``path``; raises _Rejected."""
     mpath = meta_path(path)
     try:
-        with open(mpath, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise _Rejected(f"{mpath} is not a regular file")
-            data = f.read(_MAX_META_BYTES + 1)
+        data = read_file(mpath, max_bytes=_MAX_META_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         raise _Rejected(f"{mpath} does not exist") from None
     except OSError as err:
-        raise _Rejected(f"cannot read {mpath}: {err}") from None
-    if len(data) > _MAX_META_BYTES:
-        raise _Rejected(f"{mpath} is larger than {_MAX_META_BYTES} bytes")
+        raise _Rejected(f"{mpath} {err.strerror or err}") from None
     try:
         meta = json.loads(data)  # JSON only: parsing it can never run code
     except (ValueError, RecursionError) as err:
@@ -333,11 +359,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     state = meta.get("state")
     if (
         not isinstance(state, dict)
-        or type(state.get("size")) is not int
-        or not isinstance(state.get("sha256"), str)
+        or not all(type(state.get(key)) is int for key in _STAMP_KEYS)
         or not isinstance(meta.get("identity"), dict)
     ):
-        raise _Rejected(f"{mpath} lacks the state file's size, sha256 or identity")
+        raise _Rejected(f"{mpath} lacks the state file's stamp or identity")
     return meta
 
 
@@ -350,23 +375,25 @@ def _check_identity(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 
 def _open_verified(path: Path, meta: dict[str, Any]) -> int:
-    """Open the state file and check its size and sha256 against ``meta``; return the fd."""
+    """Open the state file (never through a link, never blocking on a FIFO) and check that it is
+    the file we wrote: its stamp must equal the meta's. Returns the fd."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
     except OSError as err:
-        raise _Rejected(f"cannot open {path}: {err}") from None
+        reason = f"{err.strerror or err}; links are not followed"
+        raise _Rejected(f"cannot open {path} ({reason})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _Rejected(f"{path} is not a regular file")
-        if st.st_size != meta["state"]["size"]:
+        saved = {key: meta["state"][key] for key in _STAMP_KEYS}
+        if _stamp(st) != saved:
+            changed = ", ".join(k for k in _STAMP_KEYS if _stamp(st)[k] != saved[k])
             raise _Rejected(
-                f"{path} is {st.st_size} bytes, the meta says {meta['state']['size']} "
-                "(truncated or replaced)"
+                f"{path} is not the file localbot wrote ({changed} differ: written to, "
+                "replaced or copied since)"
             )
-        size, digest = _hash_fd(fd)
-        if size != meta["state"]["size"] or digest != meta["state"]["sha256"]:
-            raise _Rejected(f"{path} does not match the sha256 in its meta (corrupt or replaced)")
     except BaseException:
         os.close(fd)
         raise
@@ -582,43 +609,41 @@ def remove_state(path: Path | str) -> int:
 
 
 def prune_states(
-    directory: Path | str, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    sessions_root: Path | str, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
 ) -> list[Path]:
-    """Keep the saved states in ``directory`` within ``max_total_bytes`` in all: delete the
-    least recently written ``*.kvstate`` files (with their meta) until the rest fit. Also removes
-    meta files whose state is gone and temp files a killed save left (older than a minute).
-    Returns the state paths removed."""
-    directory = Path(directory)
-    states: list[tuple[int, Path, int]] = []  # (mtime_ns, path, bytes with meta)
+    """Keep the saved states of the session store at ``sessions_root`` (every
+    ``.sidecars/<id>/kvstate``) within ``max_total_bytes`` in all: delete the least recently
+    written states (with their meta) until the rest fit. Also removes meta files whose state is
+    gone and temp files a killed save left (older than a minute). Returns the state paths
+    removed. Links are never followed."""
+    base = Path(sessions_root) / SIDECAR_ROOT
     try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
+        if not stat.S_ISDIR(os.lstat(base).st_mode):
+            return []
+        folders = [Path(e.path) for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
+    except OSError:
         return []
-    names = {e.name for e in entries}
-    temp_owners: set[str] = set()
-    for entry in entries:
-        name = entry.name
+    states: list[tuple[int, Path, int]] = []  # (mtime_ns, path, bytes with meta)
+    for folder in folders:
+        _remove_temps(folder, (KV_STATE_FILE, KV_META_FILE), _STALE_TEMP_AGE_S)
+        state = folder / KV_STATE_FILE
+        try:
+            st = os.lstat(state)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                _unlink(meta_path(state))  # its state is gone
+            continue
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        size = st.st_size
         with contextlib.suppress(OSError):
-            if name.startswith(".") and TEMP_MARKER in name:
-                owner = name[1 : name.index(TEMP_MARKER)]
-                if owner.endswith((STATE_SUFFIX, STATE_SUFFIX + META_SUFFIX)):
-                    temp_owners.add(owner)
-            elif name.endswith(STATE_SUFFIX) and entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                size = st.st_size
-                meta = directory / (name + META_SUFFIX)
-                with contextlib.suppress(OSError):
-                    size += os.stat(meta, follow_symlinks=False).st_size
-                states.append((st.st_mtime_ns, directory / name, size))
-            elif (
-                name.endswith(STATE_SUFFIX + META_SUFFIX) and name[: -len(META_SUFFIX)] not in names
-            ):
-                _unlink(directory / name)
-    if temp_owners:
-        _remove_temps(directory, sorted(temp_owners), _STALE_TEMP_AGE_S)
+            size += os.lstat(meta_path(state)).st_size
+        states.append((st.st_mtime_ns, state, size))
     total = sum(size for _, _, size in states)
     removed: list[Path] = []
-    for _, state_path, size in sorted(states, key=lambda s: (s[0], s[1].name)):
+    for _, state_path, size in sorted(states, key=lambda s: (s[0], str(s[1]))):
         if total <= max_total_bytes:
             break
         try:
@@ -629,8 +654,8 @@ def prune_states(
             continue
         total -= size
         removed.append(state_path)
-    if removed:
         with contextlib.suppress(OSError):
-            fsync_directory(directory)
-        log.debug("pruned %d KV states from %s", len(removed), directory)
+            fsync_directory(state_path.parent)
+    if removed:
+        log.debug("pruned %d KV states from %s", len(removed), base)
     return removed

@@ -69,16 +69,18 @@ def cmd_exit(state: ReplState, arg: str) -> bool:
 
 
 def _switch(state: ReplState, name: str) -> None:
+    """Make ``name`` the current session. Everything that can fail (a bad id, corrupt settings or
+    history, a hostile file) is checked first: a refused switch leaves the REPL where it was."""
     from localbot.session_settings import load_settings
 
-    validate_session_id(name)
-    state.session = name
-    saved = load_settings(state.bot.store, name)
+    store = state.bot.store
+    saved = load_settings(store, validate_session_id(name))
+    count = len(store.get(name).messages)
+    status = f"resumed, {count} messages" if store.exists(name) else "new"
     state.bot.system_prompt = saved.get("system", state.process_system or DEFAULT_SYSTEM_PROMPT)
+    state.session = name
     # Not the previous session's variables: each session has its own, over the --var defaults.
     state.bot.variables = {**state.process_vars, **saved.get("vars", {})}
-    count = len(state.history().messages)
-    status = f"resumed, {count} messages" if state.bot.store.exists(name) else "new"
     state.say(f"session {name!r} ({status})")
 
 
@@ -127,25 +129,22 @@ def cmd_system(state: ReplState, arg: str) -> None:
     state.bot.system_prompt = arg.strip()
     try:
         state.bot.check_variables(state.bot.variables)
+        save_settings(  # refuses to write over a settings file it cannot read
+            state.bot.store,
+            state.session,
+            {"system": state.bot.system_prompt, "vars": state.bot.variables},
+        )
     except LocalbotError:
-        state.bot.system_prompt = previous
+        state.bot.system_prompt = previous  # the prompt in use stays the one on disk
         raise
-    save_settings(
-        state.bot.store,
-        state.session,
-        {"system": state.bot.system_prompt, "vars": state.bot.variables},
-    )
     state.say("system prompt set for this session")
 
 
 def cmd_clear(state: ReplState, arg: str) -> None:
-    state.history().clear()
-    try:
-        from localbot import kv_state
+    from localbot import kv_state
 
-        kv_state.remove_state(state.bot._kv_path(state.session))
-    except ImportError:  # pragma: no cover
-        pass
+    state.history().clear()
+    kv_state.remove_state(state.bot.store.kv_state_path(state.session))
     state.say(f"session {state.session!r} cleared")
 
 

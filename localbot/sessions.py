@@ -1,8 +1,13 @@
 """The session store: one JSON file of chat history per session, safe against crashes and races.
 
-Format: ``<root>/<session_id>.json`` holds a JSON list of ``messages_to_dict`` entries, exactly
-what LangChain's ``FileChatMessageHistory`` reads and writes, so either can open the other's
-files. We write UTF-8 with ``ensure_ascii=False`` so the files stay readable in an editor.
+Layout (see ``localbot.paths``): ``<root>/<id>.json`` is the history, in LangChain's
+``FileChatMessageHistory`` format (``localbot.session_file``); ``<root>/.<id>.lock`` is its lock;
+every other file localbot keeps for the session lives in ``<root>/.sidecars/<id>/``. Ids never
+start with ``.``, so listing, renaming and deleting are exact for any valid id: ``a``'s files
+are never ``a.notes``'s. Sidecars kept by an older localbot as ``<root>/<id>.settings``,
+``<id>.kvstate`` and ``<id>.kvstate.meta`` are moved into the folder, one rename each, the first
+time the session's sidecars are used (only when ``<id>.json`` exists, so the owner is certain;
+a file already in the folder wins and the old one is left where it is).
 
 Durability, because ``FileChatMessageHistory`` tears files on kill -9 and loses messages when two
 processes append (see the field notes):
@@ -17,35 +22,49 @@ processes append (see the field notes):
   there and raises :class:`SessionError` if it is corrupt or foreign, leaving the bytes as they are.
 * Temp files left by a killed writer are hidden names that reads and listings skip; ones older
   than a minute are removed when that session is next written, and all of them on delete.
-
-Other modules may keep sidecar files next to a session (``<id>.kv``, ``<id>.kv.json``);
-:meth:`SessionStore.rename` and :meth:`SessionStore.delete` carry them along.
+* A file-system failure (read-only, full, a lock that is a directory or a link loop, a sessions
+  directory that is a dangling link) is a one-line :class:`SessionError`; files stay as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import BaseMessage, messages_from_dict, messages_to_dict
+from langchain_core.messages import BaseMessage, messages_to_dict
 
-from localbot.atomic import exclusive_lock, fsync_directory, remove_stale_temps, write_atomic
+from localbot.atomic import (
+    FileTypeError,
+    exclusive_lock,
+    fsync_directory,
+    remove_stale_temps,
+    write_atomic,
+)
 from localbot.errors import SessionError
-from localbot.paths import default_sessions_dir
+from localbot.paths import (
+    KV_STATE_FILE,
+    LEGACY_SIDECARS,
+    SIDECAR_ROOT,
+    default_sessions_dir,
+    user_path,
+)
+from localbot.session_file import encode_session, read_session, unusable
 
 __all__ = ["SessionHistory", "SessionInfo", "SessionStore", "validate_session_id"]
 
+log = logging.getLogger(__name__)
+
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_FIX = "move it aside or pick another session"
 
 
 def validate_session_id(session_id: object) -> str:
@@ -98,7 +117,10 @@ class SessionStore:
     """A directory of session files. Cheap to create; touches the disk only when used."""
 
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else default_sessions_dir()
+        if root is None:
+            self.root = default_sessions_dir()
+        else:
+            self.root = user_path(root, "sessions directory")
 
     def get(self, session_id: str) -> SessionHistory:
         """The history for ``session_id``; fits ``RunnableWithMessageHistory(chain, store.get)``."""
@@ -107,7 +129,7 @@ class SessionStore:
     def path_for(self, session_id: str) -> Path:
         """The file for ``session_id``, refusing bad ids and links that lead out of the store."""
         path = self.root / f"{validate_session_id(session_id)}.json"
-        root = self.root.resolve()
+        root = _resolve(self.root)
         if not _resolve(path).is_relative_to(root):
             msg = f"Session file {path} is a link that leads outside {root}; remove the link."
             raise SessionError(msg)
@@ -118,118 +140,226 @@ class SessionStore:
 
     def list(self) -> list[SessionInfo]:
         """Every session, newest first. Unreadable files are listed with ``corrupt`` set."""
-        if not self.root.is_dir():
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            if os.path.islink(self.root):
+                self._make_root()  # explains the dangling link
             return []
-        infos = [info for path in self._session_files() if (info := self._info(path))]
+        except NotADirectoryError:
+            raise SessionError(f"Sessions directory {self.root} is not a directory.") from None
+        except OSError as err:
+            msg = f"Sessions directory {self.root} cannot be listed ({_reason(err)})."
+            raise SessionError(msg) from None
+        ids = [name[:-5] for name in names if name.endswith(".json") and _is_valid_id(name[:-5])]
+        infos = [info for sid in ids if (info := self._info(sid))]
         return sorted(infos, key=lambda info: (-info.updated.timestamp(), info.id))
 
-    def sidecar_paths(self, session_id: str) -> list[Path]:
-        """Files other modules keep for this session: ``<root>/<id>.*`` except its own JSON.
+    # -- sidecars ---------------------------------------------------------------------------------
 
-        Ids may contain dots, so ``notes.v2.json`` could be the session ``notes.v2`` rather than
-        a sidecar of ``notes``. A ``.json`` file holding a list (a history, or something we cannot
-        parse, to be safe) counts as its own session and is excluded with all of its sidecars.
+    def sidecar_dir(self, session_id: str) -> Path:
+        """``<root>/.sidecars/<id>``, the folder for every other file kept for this session (it may
+        not exist yet: create it when writing). Moves an older layout's files into it first.
+
+        Raises :class:`SessionError` when the folder (or ``.sidecars``) is a link or not a
+        directory: sidecars never lead out of the store.
         """
         sid = validate_session_id(session_id)
-        if not self.root.is_dir():
+        if self._legacy_sidecars(sid) and os.path.lexists(self.root / f"{sid}.json"):
+            with self.locked(sid):
+                self._migrate(sid)
+        return self._checked_sidecar_dir(sid)
+
+    def sidecar_path(self, session_id: str, name: str) -> Path:
+        """A file in :meth:`sidecar_dir` (``settings.json``, ``kvstate``, ...)."""
+        return self.sidecar_dir(session_id) / name
+
+    def kv_state_path(self, session_id: str) -> Path:
+        """Where ``localbot.kv_state`` saves this session's llama.cpp state."""
+        return self.sidecar_path(session_id, KV_STATE_FILE)
+
+    def sidecar_paths(self, session_id: str) -> list[Path]:
+        """The files in :meth:`sidecar_dir`, sorted (empty when it does not exist)."""
+        directory = self.sidecar_dir(session_id)
+        try:
+            return sorted(directory / name for name in os.listdir(directory))
+        except FileNotFoundError:
             return []
-        names = sorted(
-            n for n in os.listdir(self.root) if n.startswith(f"{sid}.") and n != f"{sid}.json"
-        )
-        nested = [n[:-5] for n in names if self._is_nested_session(n)]
-        return [
-            self.root / n
-            for n in names
-            if not any(n == f"{other}.json" or n.startswith(f"{other}.") for other in nested)
-        ]
+        except OSError as err:
+            raise SessionError(f"{directory} cannot be listed ({err.strerror or err}).") from None
+
+    # -- rename and delete ------------------------------------------------------------------------
 
     def rename(self, old: str, new: str) -> None:
         """Give a session a new id, with its sidecars; refuses to overwrite anything."""
         if validate_session_id(old) == validate_session_id(new):
             msg = f"Session {old!r} already has that name."
             raise SessionError(msg)
-        with self._locked(old, new):
+        # Checked before locking too, so that a refused rename leaves not even a lock file.
+        self._check_rename(old, new)
+        with self.locked(old, new):
             src, dst = self.path_for(old), self.path_for(new)
-            self._require(old, src)
-            if os.path.lexists(dst) or self.sidecar_paths(new):
-                msg = f"Session {new!r} already exists in {self.root}; pick another name."
-                raise SessionError(msg)
-            sidecars = self.sidecar_paths(old)
+            self._migrate(old)
+            self._migrate(new)
+            self._check_rename(old, new)
+            src_side, dst_side = self._sidecar_dir(old), self._sidecar_dir(new)
             os.rename(src, dst)  # the history first: it is what the user cares about
-            for path in sidecars:
-                os.rename(path, self.root / (new + path.name[len(old) :]))
+            if os.path.lexists(src_side):
+                os.rename(src_side, dst_side)  # one rename moves every sidecar
+                fsync_directory(src_side.parent)
             self._lock_path(old).unlink(missing_ok=True)
             fsync_directory(self.root)
 
     def delete(self, session_id: str) -> None:
         """Remove a session's file and its sidecars. Works on corrupt files too: it never reads."""
-        with self._locked(session_id):
+        if not os.path.lexists(self._checked_sidecar_dir(session_id)):  # as in rename
+            self._require(session_id, self.path_for(session_id))
+        with self.locked(session_id):
             path = self.path_for(session_id)
-            sidecars = self.sidecar_paths(session_id)
-            if not sidecars:
+            self._migrate(session_id)
+            sidecars = self._checked_sidecar_dir(session_id)
+            if not os.path.lexists(sidecars):
                 self._require(session_id, path)
             path.unlink(missing_ok=True)
-            for sidecar in sidecars:
-                _remove(sidecar)
+            _remove(sidecars)
             # Our writers make temp files only while holding this lock, so any left are dead.
             remove_stale_temps(self.root, path.name, max_age_s=0)
             self._lock_path(session_id).unlink(missing_ok=True)
             fsync_directory(self.root)
 
-    # -- used by SessionHistory -------------------------------------------------------------------
+    def _check_rename(self, old: str, new: str) -> None:
+        self._require(old, self.path_for(old))
+        self._checked_sidecar_dir(old)
+        legacy = [path for path, _ in self._legacy_sidecars(new)]
+        for path in (self.path_for(new), self._checked_sidecar_dir(new), *legacy):
+            if os.path.lexists(path):
+                msg = f"Session {new!r} already exists ({path}); pick another name."
+                raise SessionError(msg)
 
-    def _write(self, path: Path, entries: list[dict[str, Any]]) -> None:
-        data = _encode(entries)
-        remove_stale_temps(self.root, path.name)
-        write_atomic(path, data)
+    # -- locking ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, *session_ids: str) -> Iterator[None]:
-        """Hold the locks of these sessions, in sorted order so two callers cannot deadlock."""
+    def locked(self, *session_ids: str) -> Iterator[None]:
+        """Hold the locks of these sessions (in sorted order, so two callers cannot deadlock)
+        while changing their files. Creates the store's directory. Any ``OSError`` raised inside
+        becomes a one-line :class:`SessionError`. Not reentrant: never nest it for one session.
+        """
         lock_paths = sorted({self._lock_path(sid) for sid in session_ids})  # validates first
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            for lock_path in lock_paths:
-                stack.enter_context(exclusive_lock(lock_path))
-            yield
+        self._make_root()
+        try:
+            with contextlib.ExitStack() as stack:
+                for lock_path in lock_paths:
+                    try:
+                        stack.enter_context(exclusive_lock(lock_path))
+                    except OSError as err:
+                        if not _is_bad_lock(err):
+                            raise  # read-only, full, no permission: said below
+                        msg = (
+                            f"Cannot lock the session with {lock_path} ({_reason(err)}); "
+                            "remove it if no localbot is running."
+                        )
+                        raise SessionError(msg) from None
+                yield
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename else ""
+            msg = (
+                f"Could not change the session store {self.root}: {_reason(err)}{where}; "
+                "no file was overwritten."
+            )
+            raise SessionError(msg) from None
+
+    # -- used by SessionHistory -------------------------------------------------------------------
+
+    def _write(self, path: Path, entries: list[dict]) -> None:
+        data = encode_session(entries)
+        remove_stale_temps(self.root, path.name)
+        write_atomic(path, data)
 
     def _lock_path(self, session_id: str) -> Path:
         return self.root / f".{validate_session_id(session_id)}.lock"
 
+    def _make_root(self) -> None:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            if os.path.islink(self.root) and not self.root.exists():
+                reason = f"is a link to {os.readlink(self.root)}, which does not exist"
+            elif os.path.lexists(self.root) and not self.root.is_dir():
+                reason = "is not a directory"
+            else:
+                reason = f"cannot be created ({_reason(err)})"
+            raise SessionError(f"Sessions directory {self.root} {reason}.") from None
+
+    # -- sidecar helpers --------------------------------------------------------------------------
+
+    def _sidecar_dir(self, session_id: str) -> Path:
+        return self.root / SIDECAR_ROOT / validate_session_id(session_id)
+
+    def _checked_sidecar_dir(self, session_id: str) -> Path:
+        directory = self._sidecar_dir(session_id)
+        for path in (directory.parent, directory):
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break  # not there (NotADirectoryError: the root is a file; _require says so)
+            except OSError as err:
+                raise SessionError(f"{path} cannot be used ({_reason(err)}).") from None
+            if not stat.S_ISDIR(mode):
+                msg = (
+                    f"{path} is not a directory (a link or a file); localbot keeps session files "
+                    "there and never follows links out of the store: move it aside."
+                )
+                raise SessionError(msg)
+        return directory
+
+    def _legacy_sidecars(self, session_id: str) -> list[tuple[Path, str]]:
+        """An older layout's sidecars of this session: (path, name in the sidecar folder)."""
+        found = []
+        for suffix, name in LEGACY_SIDECARS.items():
+            path = self.root / f"{session_id}{suffix}"
+            if os.path.lexists(path):
+                found.append((path, name))
+        return found
+
+    def _migrate(self, session_id: str) -> None:
+        """Move ``<id>.settings`` & co. into the sidecar folder (the session's lock held)."""
+        legacy = self._legacy_sidecars(session_id)
+        if not legacy or not os.path.lexists(self.root / f"{session_id}.json"):
+            return
+        target = self._checked_sidecar_dir(session_id)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, name in legacy:
+            if os.path.lexists(target / name):
+                log.warning("not moving %s: %s already exists", path, target / name)
+                continue
+            os.rename(path, target / name)
+        for suffix in LEGACY_SIDECARS:
+            remove_stale_temps(self.root, f"{session_id}{suffix}")
+        fsync_directory(target)
+        fsync_directory(target.parent)
+        fsync_directory(self.root)
+
     # -- listing helpers --------------------------------------------------------------------------
 
-    def _session_files(self) -> list[Path]:
-        return [
-            self.root / name
-            for name in os.listdir(self.root)
-            if name.endswith(".json") and _is_valid_id(name[:-5]) and not self._is_sidecar(name)
-        ]
-
-    def _is_sidecar(self, name: str) -> bool:
-        """``a.kv.json`` is a sidecar of ``a`` if ``a.json`` exists and it holds no list."""
-        parts = name[:-5].split(".")
-        owners = (".".join(parts[:i]) for i in range(1, len(parts)))
-        has_owner = any((self.root / f"{owner}.json").exists() for owner in owners)
-        return has_owner and not _may_hold_history(self.root / name)
-
-    def _is_nested_session(self, name: str) -> bool:
-        stem = name[:-5]
-        return name.endswith(".json") and _is_valid_id(stem) and _may_hold_history(self.root / name)
-
-    def _info(self, path: Path) -> SessionInfo | None:
-        sid = path.name[:-5]
+    def _info(self, session_id: str) -> SessionInfo | None:
+        path = self.root / f"{session_id}.json"
         try:
             updated = datetime.fromtimestamp(path.lstat().st_mtime, tz=timezone.utc)
         except FileNotFoundError:  # deleted while we were listing
             return None
+        except OSError as err:
+            updated = datetime.fromtimestamp(0, tz=timezone.utc)
+            return SessionInfo(session_id, None, updated, path, _reason(err))
         try:
-            count: int | None = len(_read(self.path_for(sid))[0])
+            count: int | None = len(read_session(self.path_for(session_id))[0])
             problem = None
         except SessionError as err:
             count, problem = None, str(err)
-        return SessionInfo(sid, count, updated, path, problem)
+        return SessionInfo(session_id, count, updated, path, problem)
 
     def _require(self, session_id: str, path: Path) -> None:
+        if os.path.lexists(self.root) and not self.root.is_dir():
+            raise SessionError(f"Sessions directory {self.root} is not a directory.")
         if not os.path.lexists(path):
             msg = f"No session {session_id!r} in {self.root}; list the sessions to see their ids."
             raise SessionError(msg)
@@ -251,16 +381,16 @@ class SessionHistory(BaseChatMessageHistory):
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         """The stored messages; an empty list if the session has no file yet."""
-        return _read(self._checked_path())[1]
+        return read_session(self._checked_path())[1]
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append ``messages`` in one atomic write, so a turn's messages land together."""
         new = messages_to_dict(list(messages))
         if not new:
             return
-        with self.store._locked(self.session_id):
+        with self.store.locked(self.session_id):
             path = self._checked_path()
-            self.store._write(path, _read(path)[0] + new)
+            self.store._write(path, read_session(path)[0] + new)
 
     def add_message(self, message: BaseMessage) -> None:
         self.add_messages([message])
@@ -268,9 +398,9 @@ class SessionHistory(BaseChatMessageHistory):
     def replace_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Rewrite the whole history atomically (e.g. to replace a partial reply)."""
         new = messages_to_dict(list(messages))
-        with self.store._locked(self.session_id):
+        with self.store.locked(self.session_id):
             path = self._checked_path()
-            _read(path)  # refuse to write over a file we cannot read: it may be the user's data
+            read_session(path)  # refuse to write over a file we cannot read: it may be user data
             self.store._write(path, new)
 
     def clear(self) -> None:
@@ -282,80 +412,14 @@ class SessionHistory(BaseChatMessageHistory):
         return self.store.path_for(self.session_id)
 
 
-def _read(path: Path) -> tuple[list[dict[str, Any]], list[BaseMessage]]:
-    """The raw entries and the messages in ``path`` (both empty if it does not exist)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], []
-    except OSError as err:
-        raise _unusable(path, f"cannot be read ({err.strerror})") from err
-    entries = _parse(path, data)
-    try:
-        return entries, messages_from_dict(entries)
-    except (ValueError, TypeError, KeyError) as err:
-        reason = f"holds a message LangChain cannot load ({_first_line(err)})"
-        raise _unusable(path, reason) from err
+def _is_bad_lock(err: OSError) -> bool:
+    """A lock file that is a directory, a link (a loop or not) or another special file."""
+    return isinstance(err, FileTypeError) or err.errno in (errno.EISDIR, errno.ELOOP)
 
 
-def _parse(path: Path, data: bytes) -> list[dict[str, Any]]:
-    """Decode ``data`` and check that it is a list of ``{"type": ..., "data": {...}}`` entries."""
-    if not data.strip():
-        raise _unusable(path, f"is empty ({len(data)} bytes)")
-    try:
-        entries = json.loads(data)  # from bytes: UTF-8, a BOM allowed
-    except (ValueError, RecursionError) as err:
-        raise _unusable(path, f"is not valid JSON ({_first_line(err)})") from err
-    if not isinstance(entries, list):
-        raise _unusable(path, f"holds a JSON {type(entries).__name__}, not a list of messages")
-    for index, entry in enumerate(entries):
-        if not _looks_like_message(entry):
-            raise _unusable(path, f"entry {index} is not a {{'type', 'data'}} chat message")
-    return entries
-
-
-def _looks_like_message(entry: object) -> bool:
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("type"), str)
-        and isinstance(entry.get("data"), dict)
-    )
-
-
-def _may_hold_history(path: Path) -> bool:
-    """False only for a file that parses as JSON but is not a list (e.g. a sidecar's metadata)."""
-    try:
-        return isinstance(json.loads(path.read_bytes()), list)
-    except (OSError, ValueError, RecursionError):
-        return True
-
-
-def _encode(entries: list[dict[str, Any]]) -> bytes:
-    """UTF-8 JSON, characters unescaped and one message per line, so it reads well in an editor.
-
-    Not ``indent=``: that switches ``json`` to its pure-Python encoder, ~10x slower per append.
-    """
-    try:
-        return _json_lines(entries, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate (e.g. an emoji split mid-stream) has no UTF-8 form; \u escapes keep it.
-        return _json_lines(entries, ensure_ascii=True).encode("ascii")
-
-
-def _json_lines(entries: list[dict[str, Any]], *, ensure_ascii: bool) -> str:
-    if not entries:
-        return "[]\n"
-    lines = (json.dumps(entry, ensure_ascii=ensure_ascii) for entry in entries)
-    return "[\n" + ",\n".join(lines) + "\n]\n"
-
-
-def _unusable(path: Path, reason: str) -> SessionError:
-    return SessionError(f"Session file {path} {reason}; {_FIX}.")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:160] if text else type(err).__name__
+def _reason(err: OSError) -> str:
+    """The system's words for ``err`` (``err.filename`` is left to the caller)."""
+    return str(err.strerror or err)
 
 
 def _resolve(path: Path) -> Path:
@@ -363,12 +427,17 @@ def _resolve(path: Path) -> Path:
     try:
         return path.resolve()
     except (OSError, RuntimeError) as err:  # RuntimeError: link loop on Python < 3.13
-        raise _unusable(path, f"is a link that cannot be followed ({err})") from err
+        raise unusable(path, f"is a link that cannot be followed ({err})") from None
 
 
 def _remove(path: Path) -> None:
-    """Remove a sidecar, which another module may have made a directory."""
-    if path.is_dir() and not path.is_symlink():
+    """Remove a sidecar folder with everything in it (``rmtree`` never follows links inside a
+    real folder; the caller checked that the folder and its parent are not links)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
         shutil.rmtree(path)
     else:
-        path.unlink(missing_ok=True)
+        os.unlink(path)

@@ -223,11 +223,14 @@ def test_a_resumed_session_reads_only_the_new_message(test_model_path, tmp_path)
     warm_bot = build_chatbot(fresh_model(), first_store, "Be brief.")
     first = warm_bot.invoke({"messages": [HumanMessage("Tell me about rivers. " * 30)]}, SESSION)
     warm_bot.wait_for_saves()
-    assert (first_store.root / "abc.kvstate").exists()
-    shutil.copytree(first_store.root, tmp_path / "b")  # the session as a new process finds it
+    assert first_store.kv_state_path("abc").exists()
+    # The warm process goes on in a copy; the new process gets the very files the first wrote
+    # (a copied state file is another inode, which kv_state rightly refuses to trust).
+    shutil.copytree(first_store.root, tmp_path / "b")
+    warm_bot.store = SessionStore(tmp_path / "b")
 
     warm = warm_bot.invoke({"messages": [HumanMessage("And lakes?")]}, SESSION)
-    resumed_bot = build_chatbot(fresh_model(), SessionStore(tmp_path / "b"), "Be brief.")
+    resumed_bot = build_chatbot(fresh_model(), first_store, "Be brief.")
     resumed = resumed_bot.invoke({"messages": [HumanMessage("And lakes?")]}, SESSION)
 
     assert resumed.content == warm.content

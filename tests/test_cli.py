@@ -103,7 +103,8 @@ def test_settings_from_environment(test_model_path, tmp_path) -> None:
     payload = json.loads(result.stdout)
     assert payload["usage"]["output_tokens"] <= 2
     assert (tmp_path / "sessions" / "from-env.json").exists()
-    settings = json.loads((tmp_path / "sessions" / "from-env.settings").read_text())
+    settings_file = tmp_path / "sessions" / ".sidecars" / "from-env" / "settings.json"
+    settings = json.loads(settings_file.read_text())
     assert settings == {"system": "Speak {language}.", "vars": {"language": "Spanish"}}
 
 
@@ -277,7 +278,7 @@ def test_session_management_from_the_command_line(tmp_path) -> None:
     store = SessionStore(tmp_path / "sessions")
     store.get("trip").add_messages([HumanMessage("hi"), AIMessage("hello")])
     store.get("work").add_messages([HumanMessage("x")])
-    (store.root / "trip.settings").write_text("{}")
+    (store.root / "trip.settings").write_text("{}")  # the older layout: moved on first use
 
     listed = run("--list-sessions", home=tmp_path)
     assert listed.returncode == 0, listed.stderr
@@ -288,7 +289,8 @@ def test_session_management_from_the_command_line(tmp_path) -> None:
     renamed = run("--rename-session", "trip", "holiday", home=tmp_path)
     assert renamed.returncode == 0, renamed.stderr
     assert (store.root / "holiday.json").exists()
-    assert (store.root / "holiday.settings").exists()
+    assert (store.root / ".sidecars" / "holiday" / "settings.json").exists()
+    assert not (store.root / "trip.settings").exists()
     assert not (store.root / "trip.json").exists()
 
     assert run("--delete-session", "work", home=tmp_path).returncode == 0

@@ -105,7 +105,7 @@ def test_state_files_and_metadata(warm: SimpleNamespace) -> None:
     assert meta["identity"]["template"]["name"] == "gemma"
     assert meta["identity"]["context"]["swa_full"] is True
     assert meta["identity"]["model"]["size"] == Path(warm.model.model_path).stat().st_size
-    # No temp files left behind; names never end in .json (that would read as a session id).
+    # No temp files left behind.
     assert sorted(p.name for p in warm.state.parent.iterdir()) == [
         "session-1.kvstate",
         "session-1.kvstate.meta",
@@ -211,7 +211,9 @@ def small(test_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Si
     cold = _model(test_model_path, max_tokens=4)  # the model the damage cases reuse
     reference = cold.invoke(next_turn)
     assert reference.usage_metadata["input_token_details"]["cache_read"] == 0
-    return SimpleNamespace(state=state, next_turn=next_turn, reference=reference.content, cold=cold)
+    return SimpleNamespace(
+        saver=saver, state=state, next_turn=next_turn, reference=reference.content, cold=cold
+    )
 
 
 def _rewrite_meta(path: Path, change) -> None:
@@ -226,11 +228,10 @@ def _set_tokens(meta: dict, tokens: list[int]) -> None:
 
 
 def _agree(meta: dict, state: Path) -> None:
-    """Make the meta describe the (damaged) state file's current bytes."""
-    import hashlib
-
-    data = state.read_bytes()
-    meta["state"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """ "Re-sign" the meta for the damaged state file: its size, mtime and inode as they are now.
+    Only the ctime, which no program can set back, still tells the damage apart."""
+    st = state.stat()
+    meta["state"].update(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
 
 
 def _flip_middle(state: Path) -> None:
@@ -285,6 +286,13 @@ def _damage(case: str, state: Path, marker: Path) -> None:
         _rewrite_meta(state, lambda m: _agree(m, state))
     elif case == "corrupt bytes in state":
         _flip_middle(state)
+    elif case == "corrupt bytes in state, meta re-signed":
+        _flip_middle(state)
+        _rewrite_meta(state, lambda m: _agree(m, state))
+    elif case == "a copy of the state":
+        copy = state.with_name("copy")
+        shutil.copy2(state, copy)  # same bytes, same mtime; another inode
+        os.replace(copy, state)
     elif case == "state file tokens differ from meta":
         _rewrite_meta(state, lambda m: _set_tokens(m, [*m["tokens"][:-1], m["tokens"][-1] + 1]))
     elif case == "token list does not match its sha":
@@ -317,6 +325,8 @@ DAMAGE_CASES = [
     "truncated state",
     "truncated state, meta agrees",
     "corrupt bytes in state",
+    "corrupt bytes in state, meta re-signed",
+    "a copy of the state",
     "state file tokens differ from meta",
     "token list does not match its sha",
     "format version",
@@ -334,9 +344,8 @@ def test_damaged_or_foreign_state_is_ignored(
     case: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    state = tmp_path / "s.kvstate"
-    shutil.copyfile(small.state, state)
-    shutil.copyfile(meta_path(small.state), meta_path(state))
+    state = tmp_path / "kvstate"
+    assert save_state(small.saver, state)  # a good state of our own: copies are never trusted
     marker = tmp_path / "code-ran"
     _damage(case, state, marker)
 
@@ -477,8 +486,11 @@ def test_module_never_unpickles() -> None:
 # --------------------------------------------------------------------------- disk
 
 
-def _fake_state(directory: Path, name: str, size: int, age_s: float) -> Path:
-    state = directory / f"{name}.kvstate"
+def _fake_state(root: Path, session_id: str, size: int, age_s: float) -> Path:
+    """A state and its meta where a session store keeps them (``.sidecars/<id>/``)."""
+    folder = root / ".sidecars" / session_id
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / "kvstate"
     state.write_bytes(b"s" * size)
     meta_path(state).write_bytes(b"m" * 10)
     when = time.time() - age_s
@@ -488,16 +500,21 @@ def _fake_state(directory: Path, name: str, size: int, age_s: float) -> Path:
 
 def test_prune_removes_least_recently_written_until_under_budget(tmp_path: Path) -> None:
     old = _fake_state(tmp_path, "old", 1000, 300)
-    middle = _fake_state(tmp_path, "middle", 1000, 200)
+    middle = _fake_state(tmp_path, "middle.v2", 1000, 200)
     new = _fake_state(tmp_path, "new", 1000, 100)
     (tmp_path / "old.json").write_text("[]")  # a session file is never touched
-    orphan = tmp_path / "gone.kvstate.meta"
+    orphan = tmp_path / ".sidecars" / "gone" / "kvstate.meta"
+    orphan.parent.mkdir()
     orphan.write_text("{}")
-    stale = tmp_path / ".old.kvstate.tmp-abc"
+    stale = old.parent / ".kvstate.tmp-abc"
     stale.write_bytes(b"x" * 5000)
     os.utime(stale, (time.time() - 600,) * 2)
-    fresh_temp = tmp_path / ".new.kvstate.tmp-def"
+    fresh_temp = new.parent / ".kvstate.tmp-def"
     fresh_temp.write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kvstate").write_bytes(b"s" * 5000)
+    (tmp_path / ".sidecars" / "linked").symlink_to(elsewhere)  # never followed
 
     assert prune_states(tmp_path, max_total_bytes=10_000) == []  # within budget: only debris
     assert not orphan.exists()
@@ -513,30 +530,30 @@ def test_prune_removes_least_recently_written_until_under_budget(tmp_path: Path)
     assert (tmp_path / "old.json").exists()
 
     assert prune_states(tmp_path, max_total_bytes=0) == [middle, new]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".new.kvstate.tmp-def", "old.json"]
+    assert [p.name for p in new.parent.iterdir()] == [".kvstate.tmp-def"]
+    assert (elsewhere / "kvstate").exists()
     assert prune_states(tmp_path / "missing") == []
 
 
 def test_remove_state_removes_both_files_and_temps(tmp_path: Path) -> None:
     state = _fake_state(tmp_path, "s", 100, 0)
-    (tmp_path / ".s.kvstate.tmp-123").write_bytes(b"x")
-    (tmp_path / "s.json").write_text("[]")
+    (state.parent / ".kvstate.tmp-123").write_bytes(b"x")
+    (state.parent / "settings.json").write_text("{}")
     assert remove_state(state) == 111
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+    assert sorted(p.name for p in state.parent.iterdir()) == ["settings.json"]
     assert remove_state(state) == 0  # already gone: fine
 
 
-def test_session_store_treats_state_files_as_sidecars(tmp_path: Path) -> None:
+def test_session_store_keeps_state_files_with_the_session(tmp_path: Path) -> None:
     from localbot.sessions import SessionStore
 
     store = SessionStore(tmp_path)
     store.get("chat").add_message(HumanMessage("hi"))
     state = _fake_state(tmp_path, "chat", 10, 0)
+    assert store.kv_state_path("chat") == state
     assert [info.id for info in store.list()] == ["chat"]
-    assert sorted(p.name for p in store.sidecar_paths("chat")) == [
-        "chat.kvstate",
-        "chat.kvstate.meta",
-    ]
-    store.delete("chat")
-    assert not state.exists()
-    assert not meta_path(state).exists()
+    store.rename("chat", "chat.v2")
+    assert store.kv_state_path("chat.v2").read_bytes() == b"s" * 10
+    store.delete("chat.v2")
+    assert not store.kv_state_path("chat.v2").exists()
+    assert not (tmp_path / ".sidecars" / "chat.v2").exists()

@@ -105,11 +105,24 @@ def test_file_is_a_list_of_message_dicts_in_unescaped_utf8(store: SessionStore) 
     assert all(set(e) == {"type", "data"} for e in entries)
 
 
-def test_lone_surrogate_is_kept_with_escapes(store: SessionStore) -> None:
+def test_a_lone_surrogate_is_written_as_u_fffd_and_reads_back(store: SessionStore) -> None:
     history = store.get("chat")
-    history.add_messages([AIMessage("half an emoji: \ud83c")])
-    assert history.messages[0].content == "half an emoji: \ud83c"
-    assert b"\\ud83c" in history.path.read_bytes()
+    history.add_messages([AIMessage("half an emoji: \ud83c"), AIMessage("pair: \ud83c\udf0d")])
+    raw = history.path.read_bytes()
+    raw.decode("utf-8")  # valid UTF-8: no surrogate, raw or escaped
+    assert b"\\ud8" not in raw
+    assert [m.content for m in history.messages] == ["half an emoji: \ufffd", "pair: 🌍"]
+
+
+def test_an_escaped_lone_surrogate_in_a_file_reads_as_u_fffd(store: SessionStore) -> None:
+    store.root.mkdir(parents=True)
+    path = store.root / "chat.json"
+    path.write_bytes(b'[{"type": "human", "data": {"content": "a\\ud800b \\ud83c\\udf0d"}}]')
+    history = store.get("chat")
+    assert history.messages[0].content == "a\ufffdb 🌍"
+    "".join(m.content for m in history.messages).encode("utf-8")  # usable downstream
+    history.add_message(HumanMessage("next"))
+    assert [m.content for m in history.messages] == ["a\ufffdb 🌍", "next"]
 
 
 def test_missing_session_is_empty_and_writes_nothing(store: SessionStore) -> None:
@@ -300,32 +313,36 @@ def test_list_is_newest_first_and_survives_a_corrupt_file(store: SessionStore) -
     assert infos[0].updated.tzinfo is not None
 
 
-def test_list_skips_sidecars_locks_and_foreign_names(store: SessionStore) -> None:
+def test_list_shows_every_valid_id_and_skips_hidden_and_foreign_names(
+    store: SessionStore,
+) -> None:
     make_session(store, "chat", 1)
-    (store.root / "chat.kv").write_bytes(b"\0" * 16)
-    (store.root / "chat.kv.json").write_text('{"n_tokens": 16}')
+    make_session(store, "chat.v2", 2)
+    (store.root / "chat.kv.json").write_text('{"n_tokens": 16}')  # a (corrupt) session of its own
     (store.root / "notes.txt").write_text("not a session")
     (store.root / ".hidden.json").write_text("[]")
-    assert [i.id for i in store.list()] == ["chat"]
+    add_sidecars(store, "chat")
+    rows = {i.id: i.message_count for i in store.list()}
+    assert rows == {"chat": 1, "chat.v2": 2, "chat.kv": None}
 
 
 def add_sidecars(store: SessionStore, session_id: str) -> list[Path]:
-    paths = [store.root / f"{session_id}.kv", store.root / f"{session_id}.kv.json"]
+    folder = store.sidecar_dir(session_id)
+    folder.mkdir(parents=True)
+    paths = [folder / "kv", folder / "kv.json"]
     paths[0].write_bytes(b"\1\2\3")
     paths[1].write_text('{"tokens": [1, 2, 3]}')
     return paths
 
 
-def test_sidecar_paths_exclude_a_session_whose_id_extends_this_one(store: SessionStore) -> None:
+def test_sidecars_live_in_a_hidden_folder_named_exactly_after_the_id(store: SessionStore) -> None:
     make_session(store, "chat", 1)
     make_session(store, "chat.v2", 1)
     add_sidecars(store, "chat")
     add_sidecars(store, "chat.v2")
-    assert store.sidecar_paths("chat") == [store.root / "chat.kv", store.root / "chat.kv.json"]
-    assert store.sidecar_paths("chat.v2") == [
-        store.root / "chat.v2.kv",
-        store.root / "chat.v2.kv.json",
-    ]
+    assert store.sidecar_dir("chat") == store.root / ".sidecars" / "chat"
+    assert store.sidecar_paths("chat") == [store.sidecar_dir("chat") / n for n in ("kv", "kv.json")]
+    assert store.kv_state_path("chat.v2") == store.root / ".sidecars" / "chat.v2" / "kvstate"
     assert sorted(i.id for i in store.list()) == ["chat", "chat.v2"]
 
 
@@ -333,14 +350,15 @@ def test_rename_moves_the_history_and_its_sidecars(store: SessionStore) -> None:
     make_session(store, "chat", 2)
     make_session(store, "chat.v2", 1)
     add_sidecars(store, "chat")
+    add_sidecars(store, "chat.v2")
     store.rename("chat", "renamed")
 
     assert not store.exists("chat")
     assert [m.content for m in store.get("renamed").messages] == ["chat 0", "chat 1"]
-    assert (store.root / "renamed.kv").read_bytes() == b"\1\2\3"
-    assert (store.root / "renamed.kv.json").read_text() == '{"tokens": [1, 2, 3]}'
+    assert (store.sidecar_dir("renamed") / "kv").read_bytes() == b"\1\2\3"
     assert store.sidecar_paths("chat") == []
     assert [m.content for m in store.get("chat.v2").messages] == ["chat.v2 0"]
+    assert len(store.sidecar_paths("chat.v2")) == 2
 
 
 def test_rename_refuses_to_overwrite(store: SessionStore) -> None:
@@ -352,7 +370,9 @@ def test_rename_refuses_to_overwrite(store: SessionStore) -> None:
     assert target.read_bytes() == before
     assert store.exists("a")
 
-    store.root.joinpath("c.kv").write_bytes(b"stale cache")  # a sidecar alone also blocks
+    store.sidecar_dir("c").mkdir(
+        parents=True
+    )  # sidecars alone (settings saved, no message yet) also block
     with pytest.raises(SessionError, match="already exists"):
         store.rename("a", "c")
     assert store.exists("a")
@@ -371,20 +391,23 @@ def test_delete_removes_history_and_sidecars_only(store: SessionStore) -> None:
     make_session(store, "other", 1)
     add_sidecars(store, "chat")
     add_sidecars(store, "chat.v2")
-    (store.root / "chat.kv.d").mkdir()
-    (store.root / "chat.kv.d" / "part").write_bytes(b"x")
+    (store.sidecar_dir("chat") / "sub").mkdir()
+    (store.sidecar_dir("chat") / "sub" / "part").write_bytes(b"x")
 
     (store.root / ".chat.json.tmp-dead").write_bytes(b"[")  # left by a killed writer
 
     store.delete("chat")
     left = sorted(p.name for p in store.root.iterdir())
-    assert [n for n in left if not n.startswith(".")] == [
-        "chat.v2.json",
-        "chat.v2.kv",
-        "chat.v2.kv.json",
-        "other.json",
-    ]
+    assert [n for n in left if not n.startswith(".")] == ["chat.v2.json", "other.json"]
     assert [n for n in left if n.startswith(".chat.")] == [".chat.v2.lock"]
+    assert sorted(p.name for p in (store.root / ".sidecars").iterdir()) == ["chat.v2"]
+    assert len(store.sidecar_paths("chat.v2")) == 2
+
+
+def test_delete_of_sidecars_alone_works(store: SessionStore) -> None:
+    add_sidecars(store, "draft")  # e.g. --system saved before the first message
+    store.delete("draft")
+    assert not store.sidecar_dir("draft").exists()
 
 
 def test_delete_works_on_a_corrupt_file(store: SessionStore) -> None:
