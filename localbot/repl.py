@@ -305,7 +305,7 @@ def _prompt_session():
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
 
-    from localbot.paths import data_home
+    from localbot.paths import input_history_path
 
     bindings = KeyBindings()
 
@@ -332,10 +332,10 @@ def _prompt_session():
             fixed = string.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             super().store_string(fixed)
 
-    home = data_home()
-    home.mkdir(parents=True, exist_ok=True)
+    history_path = input_history_path()  # refuses a FIFO, which would hang the open
+    history_path.parent.mkdir(parents=True, exist_ok=True)
     return PromptSession(
-        history=SafeFileHistory(str(home / "input_history")),
+        history=SafeFileHistory(str(history_path)),
         key_bindings=bindings,
         multiline=True,
         prompt_continuation="... ",
