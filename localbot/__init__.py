@@ -25,12 +25,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "ChatLlamaCpp": "localbot.chat_model",
     "SessionStore": "localbot.sessions",
-    "build_chatbot": "localbot.chain",
+    "build_chatbot": "localbot.chatbot",
 }
 
 if TYPE_CHECKING:
-    from localbot.chain import build_chatbot
     from localbot.chat_model import ChatLlamaCpp
+    from localbot.chatbot import build_chatbot
     from localbot.sessions import SessionStore
 
 

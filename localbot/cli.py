@@ -155,10 +155,11 @@ def make_model(config: dict[str, Any], path: Path, bundled: BundledModel | None 
 
 
 def make_chatbot(config: dict[str, Any]):
-    """Model, session store and chatbot from resolved settings (the model file is checked, not
-    yet loaded)."""
-    from localbot.chain import build_chatbot
+    """Model, session store and chatbot from resolved settings, with the starting session's
+    system prompt and variables (the model file is checked, not yet loaded)."""
+    from localbot.chatbot import DEFAULT_SYSTEM_PROMPT, build_chatbot
     from localbot.manifest import check_model
+    from localbot.session_settings import remember_flags, session_settings
     from localbot.sessions import SessionStore, validate_session_id
 
     validate_session_id(config["session"])
@@ -172,11 +173,18 @@ def make_chatbot(config: dict[str, Any]):
         )
     check_model(path, full_hash=config["verify_model"])
     store = SessionStore(config["sessions_dir"])
+    session, flags = config["session"], dict(config["var"])
+    if config["system"] is not None or flags:
+        remember_flags(store, session, config["system"], flags)
+    system_default = DEFAULT_SYSTEM_PROMPT if config["system"] is None else config["system"]
+    system, variables = session_settings(
+        store, session, system_default=system_default, var_defaults=flags
+    )
     return build_chatbot(
         model,
         store,
-        None,
-        variables=dict(config["var"]),
+        system,
+        variables=variables,
         trim_watermark=config["trim_watermark"],
         kv_cache=not config["no_kv_cache"],
     )
@@ -280,22 +288,6 @@ def _print_json(bot, session: str, chunks: list, finish_reason: str | None) -> N
     _write(json.dumps(payload, ensure_ascii=False) + "\n")
 
 
-def _apply_session_settings(bot, config: dict[str, Any]) -> None:
-    from localbot.chain import DEFAULT_SYSTEM_PROMPT
-    from localbot.session_settings import load_settings, save_settings
-
-    saved = load_settings(bot.store, config["session"])
-    variables = {**saved.get("vars", {}), **dict(config["var"])}
-    if config["system"] is not None:
-        system = config["system"]
-    else:
-        system = saved.get("system", DEFAULT_SYSTEM_PROMPT)
-    bot.variables = variables
-    bot.system_prompt = system
-    if config["system"] is not None or config["var"]:
-        save_settings(bot.store, config["session"], {"system": system, "vars": variables})
-
-
 def _install_signal_handlers() -> None:
     import signal
 
@@ -320,7 +312,6 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--json needs -p TEXT or a question piped on stdin")
     stdin_text = None if interactive else read_stdin(config["prompt"] is not None)
     bot = make_chatbot(config)
-    _apply_session_settings(bot, config)
     if interactive:
         from localbot.repl import run_repl
 

@@ -131,6 +131,15 @@ def meta_path(path: Path | str) -> Path:
     return path.with_name(path.name + META_SUFFIX)
 
 
+def _write_target(fd: int, tmp: str) -> bytes:
+    """The name llama.cpp should write the state through: the open temp file itself
+    (``/proc/self/fd/N``) where the system has that. If the process is interrupted mid-save and
+    removes its temp name (``atomic.remove_own_temps``), llama.cpp's ``fopen`` then cannot create
+    the name again: it writes into the unlinked file, which goes when the process does."""
+    through_fd = f"/proc/self/fd/{fd}"
+    return os.fsencode(through_fd if os.path.exists(through_fd) else tmp)
+
+
 def _stamp(st: os.stat_result) -> dict[str, int]:
     """What identifies the exact file we wrote: any later write moves ctime; a copy is another
     inode (see the module docstring)."""
@@ -273,11 +282,12 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
             tokens = [int(t) for t in llama.input_ids[:n]]
             identity = _identity(model, llama)
             tmp = make_temp(path)
+            fd = os.open(tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             array = (llama_cpp.llama_token * n)(*tokens)
-            if not llama_cpp.llama_state_save_file(ctx, os.fsencode(tmp), array, n):
+            if not llama_cpp.llama_state_save_file(ctx, _write_target(fd, tmp), array, n):
+                os.close(fd)
                 log.warning("llama.cpp could not save the KV state to %s", path)
                 return None
-        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             os.fsync(fd)
             os.replace(tmp, path)

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from langchain_core.messages import HumanMessage
 
-from localbot.chain import DEFAULT_SYSTEM_PROMPT, Chatbot
+from localbot.chatbot import DEFAULT_SYSTEM_PROMPT, Chatbot
 from localbot.errors import ContextOverflowError, LocalbotError, MissingVariableError, Terminated
 from localbot.reply_view import make_view
 from localbot.sessions import validate_session_id
@@ -71,16 +71,18 @@ def cmd_exit(state: ReplState, arg: str) -> bool:
 def _switch(state: ReplState, name: str) -> None:
     """Make ``name`` the current session. Everything that can fail (a bad id, corrupt settings or
     history, a hostile file) is checked first: a refused switch leaves the REPL where it was."""
-    from localbot.session_settings import load_settings
+    from localbot.session_settings import session_settings
 
     store = state.bot.store
-    saved = load_settings(store, validate_session_id(name))
+    default = DEFAULT_SYSTEM_PROMPT if state.process_system is None else state.process_system
+    system, variables = session_settings(
+        store, validate_session_id(name), system_default=default, var_defaults=state.process_vars
+    )
     count = len(store.get(name).messages)
     status = f"resumed, {count} messages" if store.exists(name) else "new"
-    state.bot.system_prompt = saved.get("system", state.process_system or DEFAULT_SYSTEM_PROMPT)
+    # Not the previous session's settings: each session has its own, over the flags' defaults.
+    state.bot = state.bot.with_settings(system, variables)
     state.session = name
-    # Not the previous session's variables: each session has its own, over the --var defaults.
-    state.bot.variables = {**state.process_vars, **saved.get("vars", {})}
     state.say(f"session {name!r} ({status})")
 
 
@@ -125,26 +127,17 @@ def cmd_system(state: ReplState, arg: str) -> None:
     if not arg.strip():
         state.say(f"system prompt: {state.bot.system_prompt or '(none)'}")
         return
-    previous = state.bot.system_prompt
-    state.bot.system_prompt = arg.strip()
-    try:
-        state.bot.check_variables(state.bot.variables)
-        save_settings(  # refuses to write over a settings file it cannot read
-            state.bot.store,
-            state.session,
-            {"system": state.bot.system_prompt, "vars": state.bot.variables},
-        )
-    except LocalbotError:
-        state.bot.system_prompt = previous  # the prompt in use stays the one on disk
-        raise
+    bot = state.bot.with_settings(arg.strip(), state.bot.variables)
+    bot.check_variables(bot.variables)
+    # Saved first (it refuses to write over a settings file it cannot read): until then the prompt
+    # in use stays the one on disk.
+    save_settings(bot.store, state.session, {"system": bot.system_prompt, "vars": bot.variables})
+    state.bot = bot
     state.say("system prompt set for this session")
 
 
 def cmd_clear(state: ReplState, arg: str) -> None:
-    from localbot import kv_state
-
-    state.history().clear()
-    kv_state.remove_state(state.bot.store.kv_state_path(state.session))
+    state.bot.forget(state.session)
     state.say(f"session {state.session!r} cleared")
 
 
@@ -185,9 +178,12 @@ def cmd_stats(state: ReplState, arg: str) -> None:
         f"{stats.prompt_tokens} tokens ({stats.cached_tokens} from cache, "
         f"{stats.evaluated_tokens} evaluated at {stats.prompt_tokens_per_second:.0f} tok/s)"
     )
-    restored, seconds = state.bot.last_restore
-    if restored:
-        state.say(f"resumed from the saved KV state: {restored} tokens in {seconds * 1000:.0f} ms")
+    turn = state.bot.last_turn
+    if turn.restored_tokens:
+        state.say(
+            f"resumed from the saved KV state: {turn.restored_tokens} tokens in "
+            f"{turn.restore_kv * 1000:.0f} ms"
+        )
     state.say(
         f"reply {stats.output_tokens} tokens at "
         f"{stats.generation_tokens_per_second:.1f} tok/s ({stats.finish_reason})"

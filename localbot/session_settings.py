@@ -20,7 +20,13 @@ from localbot.paths import SETTINGS_FILE
 from localbot.session_file import repair_surrogates
 from localbot.sessions import SessionStore
 
-__all__ = ["load_settings", "save_settings", "settings_path"]
+__all__ = [
+    "load_settings",
+    "remember_flags",
+    "save_settings",
+    "session_settings",
+    "settings_path",
+]
 
 MAX_SETTINGS_BYTES = 16 * 1024**2
 _FIX = "move it aside to start the session with default settings"
@@ -34,6 +40,40 @@ def load_settings(store: SessionStore, session_id: str) -> dict[str, Any]:
     """The saved settings: ``{}``, or a dict with ``"system"`` (str or None) and/or ``"vars"``
     (dict of str to str)."""
     return _load(settings_path(store, session_id))
+
+
+def session_settings(
+    store: SessionStore,
+    session_id: str,
+    *,
+    system_default: str | None,
+    var_defaults: dict[str, str],
+) -> tuple[str | None, dict[str, str]]:
+    """The system prompt and variables a session runs with: its saved ones over the defaults
+    (the process's ``--system``, else the built-in prompt, and its ``--var`` values).
+
+    The one rule for the command line and the REPL's ``/switch``. Flags given at start are first
+    saved into the starting session (:func:`remember_flags`), so there they win; other sessions
+    keep their own settings and take the flags only for what they do not set.
+    """
+    saved = load_settings(store, session_id)
+    system = saved.get("system", system_default)
+    return system, {**var_defaults, **saved.get("vars", {})}
+
+
+def remember_flags(
+    store: SessionStore, session_id: str, system: str | None, variables: dict[str, str]
+) -> None:
+    """Save ``--system`` / ``--var`` given for ``session_id`` with it (variables merged over the
+    saved ones), so the session resumes with them."""
+    saved = load_settings(store, session_id)
+    data = {
+        "system": system if system is not None else saved.get("system"),
+        "vars": {**saved.get("vars", {}), **variables},
+    }
+    if data["system"] is None and "system" not in saved:
+        del data["system"]
+    save_settings(store, session_id, data)
 
 
 def save_settings(store: SessionStore, session_id: str, data: dict[str, Any]) -> None:

@@ -366,7 +366,8 @@ class StepTimer:
     def watch(self, bot: Any) -> None:
         self.install_global()
         self.wrap(bot, "plan", "trim")
-        self.wrap(bot, "_restore_kv", "kv_restore")
+        if bot.kv is not None:
+            self.wrap(bot.kv, "restore", "kv_restore")
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -595,7 +596,7 @@ def finish_row(
 
 
 def make_localbot(model: Any, sessions: Path, s: Settings, kv_cache: bool = True) -> Any:
-    from localbot.chain import build_chatbot
+    from localbot.chatbot import build_chatbot
     from localbot.sessions import SessionStore
 
     return build_chatbot(

@@ -234,7 +234,7 @@ def test_a_resumed_session_reads_only_the_new_message(test_model_path, tmp_path)
     resumed = resumed_bot.invoke({"messages": [HumanMessage("And lakes?")]}, SESSION)
 
     assert resumed.content == warm.content
-    assert resumed_bot.last_restore[0] >= first.usage_metadata["input_tokens"]
+    assert resumed_bot.last_turn.restored_tokens >= first.usage_metadata["input_tokens"]
     cached = resumed.usage_metadata["input_token_details"]["cache_read"]
     assert cached >= first.usage_metadata["input_tokens"]
     assert resumed.usage_metadata["input_tokens"] - cached < 30  # only the new turn was read

@@ -483,7 +483,7 @@ def test_system_on_corrupt_settings_keeps_the_prompt_in_use(tmp_path: Path) -> N
 
     store = SessionStore(tmp_path)
     state = _repl(store)
-    state.bot.system_prompt = "Before."
+    state.bot = state.bot.with_settings("Before.")
     put(tmp_path, ".sidecars/home/settings.json", b"[]")
     handle_line(state, "/system After.")
     assert "error:" in state.out.getvalue()

@@ -27,10 +27,10 @@ def test_switching_sessions_never_carries_variables_across(tmp_path: Path) -> No
     )
 
     handle_line(state, "/switch spanish")
-    assert bot.system_prompt == "Answer in {language}."
-    assert bot.variables == {"tone": "dry", "language": "Spanish"}
+    assert state.bot.system_prompt == "Answer in {language}."
+    assert state.bot.variables == {"tone": "dry", "language": "Spanish"}
 
     handle_line(state, "/switch plain")
-    assert bot.system_prompt == "Be {tone}."
-    assert bot.variables == {"tone": "dry"}
+    assert state.bot.system_prompt == "Be {tone}."
+    assert state.bot.variables == {"tone": "dry"}
     assert "session 'plain' (new)" in state.out.getvalue()

@@ -1,0 +1,428 @@
+"""The chatbot: a session-aware chat Runnable whose turn reads top to bottom.
+
+One turn (:meth:`Chatbot.stream`), in order:
+
+1. **read** the session's history from the store;
+2. **plan the trim**: keep the newest history that fits ``n_ctx - max_tokens`` exactly (system
+   prompt and template counted), starting on a human turn, with a cut point that moves in steps
+   so llama.cpp's cache survives (``localbot.trimming``);
+3. **build the prompt**: the system prompt (with ``{variables}``), then the kept messages;
+4. **save the human turn**, so a crash mid-reply never loses what the user typed;
+5. **restore the KV state** saved for this session, if that saves reading the prompt
+   (``localbot.kv_sessions``);
+6. **stream the model**;
+7. **save the reply**: complete, or as far as it got (Ctrl-C, an abandoned stream, an error),
+   marked ``response_metadata["interrupted"]``; then save the KV state in the background.
+
+Each step's time is recorded in :attr:`Chatbot.last_turn`. The turn honours LangChain's
+``config`` (callbacks, tags, metadata): it is one chain run with the model's run inside it.
+``RunnableWithMessageHistory`` is not used: it is deprecated, and it saves nothing when a run is
+interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import (
+    ensure_config,
+    get_callback_manager_for_config,
+    patch_config,
+)
+
+from localbot.chat_model import ChatLlamaCpp
+from localbot.errors import ConfigError, MissingVariableError
+from localbot.kv_sessions import SessionKvCache
+from localbot.sessions import SessionHistory, SessionStore
+from localbot.trimming import DEFAULT_WATERMARK, TrimPlan, plan_trim
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_SESSION = "default"
+
+_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
+
+
+def escape_system_prompt(text: str) -> str:
+    """Make ``text`` a safe f-string template: ``{name}`` stays a variable, ``{{``/``}}`` stay
+    literal braces, and every other brace (JSON, code) is literal too."""
+
+    def repl(match: re.Match[str]) -> str:
+        if match.group(1):
+            return match.group(0)
+        token = match.group(0)
+        return {"{{": "{{", "}}": "}}", "{": "{{", "}": "}}"}[token]
+
+    return _FIELD.sub(repl, text)
+
+
+def make_prompt(system_prompt: str | None) -> ChatPromptTemplate:
+    parts: list[Any] = []
+    if system_prompt:
+        parts.append(("system", escape_system_prompt(system_prompt)))
+    parts.append(MessagesPlaceholder("messages"))
+    return ChatPromptTemplate.from_messages(parts)
+
+
+def _as_messages(value: Any) -> list[BaseMessage]:
+    if isinstance(value, str):
+        return [HumanMessage(value)]
+    if isinstance(value, BaseMessage):
+        return [value]
+    if isinstance(value, Sequence):
+        messages = []
+        for item in value:
+            if isinstance(item, BaseMessage):
+                messages.append(item)
+            elif isinstance(item, str):
+                messages.append(HumanMessage(item))
+            else:
+                raise ConfigError(f"expected messages, got {type(item).__name__}")
+        return messages
+    raise ConfigError(f"expected a message or a list of messages, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class _TurnCosts:
+    """Estimated template tokens: once per prompt, and around one message of each role."""
+
+    fixed: int
+    human: int
+    ai: int
+
+    def of(self, message: BaseMessage) -> int:
+        if message.type == "human":
+            return self.human
+        if message.type == "ai":
+            return self.ai
+        return max(self.human, self.ai)
+
+
+@dataclass
+class TurnTimings:
+    """Where the time of the last turn went, in seconds (for ``/stats`` and the benchmarks)."""
+
+    read_session: float = 0.0
+    plan: float = 0.0
+    prompt: float = 0.0
+    save_human: float = 0.0
+    restore_kv: float = 0.0
+    model: float = 0.0
+    """From asking the model to its last chunk: llama.cpp's work plus the adapter's."""
+    save_reply: float = 0.0
+    total: float = 0.0
+    restored_tokens: int = 0
+    trim_start: int = 0
+    """Index of the first history message the prompt kept."""
+
+    @property
+    def own_seconds(self) -> float:
+        """localbot's own time: everything outside the model call."""
+        return self.total - self.model
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "own_seconds": self.own_seconds}
+
+
+class _Clock:
+    """Times the steps of one turn into a TurnTimings."""
+
+    def __init__(self, timings: TurnTimings) -> None:
+        self.timings = timings
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.timings, name, getattr(self.timings, name) + time.perf_counter() - began)
+
+    def stop(self) -> None:
+        self.timings.total = time.perf_counter() - self.start
+
+
+class Chatbot(Runnable[dict[str, Any], BaseMessage]):
+    """A session-aware chat Runnable (see ``build_chatbot``).
+
+    Input: ``{"messages": [...new messages...], **template_variables}``; config:
+    ``{"configurable": {"session_id": "abc"}}``. ``invoke`` returns the reply ``AIMessage``;
+    ``stream`` yields its ``AIMessageChunk``s.
+    """
+
+    def __init__(
+        self,
+        model: ChatLlamaCpp,
+        store: SessionStore,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        *,
+        variables: Mapping[str, Any] | None = None,
+        trim_watermark: float = DEFAULT_WATERMARK,
+        kv_cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.system_prompt = system_prompt
+        self.prompt = make_prompt(system_prompt)
+        self.variables = dict(variables or {})
+        self.trim_watermark = trim_watermark
+        self.kv = SessionKvCache(model, store) if kv_cache else None
+        self.last_turn = TurnTimings()
+        self._turn_costs: tuple[tuple[str, ...], _TurnCosts] | None = None
+
+    def with_settings(
+        self, system_prompt: str | None, variables: Mapping[str, Any] | None = None
+    ) -> Chatbot:
+        """The same chatbot (model, store, caches) with another system prompt and variables:
+        what a session's own settings give (``/switch``, ``/system``)."""
+        other = copy.copy(self)
+        other.system_prompt = system_prompt
+        other.prompt = make_prompt(system_prompt)
+        other.variables = dict(variables or {})
+        other._turn_costs = None
+        return other
+
+    # -------------------------------------------------------------- one turn
+    def stream(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
+        """Run one turn (see the module docstring); ``kwargs`` go to the model
+        (``max_tokens``, ``temperature``, ``stop``, ``seed``...)."""
+        if not isinstance(input, Mapping) or "messages" not in input:
+            raise ConfigError('the chatbot takes {"messages": [...], **variables}')
+        config = ensure_config(config)
+        session_id = config.get("configurable", {}).get("session_id") or DEFAULT_SESSION
+        values = self._values(input)  # a missing variable fails here, before anything is saved
+        new = _as_messages(input["messages"])
+        run = get_callback_manager_for_config(config).on_chain_start(
+            None, dict(input), name=self.get_name(), run_id=config.pop("run_id", None)
+        )
+        self.last_turn = timings = TurnTimings()
+        clock = _Clock(timings)
+        history: SessionHistory | None = None
+        saved_human = False
+        chunks: list[AIMessageChunk] = []
+        outcome = "error"
+        try:
+            with clock.step("read_session"):
+                history = self.store.get(session_id)
+                messages = [*history.messages, *new]
+            with clock.step("plan"):
+                plan = self.plan(values, messages, kwargs.get("max_tokens"))
+                timings.trim_start = plan.start
+            with clock.step("prompt"):
+                prompt = self.prompt_messages(values, messages[plan.start :])
+            with clock.step("save_human"):
+                history.add_messages(new)
+            saved_human = True
+            with clock.step("restore_kv"):
+                timings.restored_tokens = self.kv.restore(session_id, prompt) if self.kv else 0
+            with clock.step("model"):
+                model_config = patch_config(config, callbacks=run.get_child())
+                for chunk in self.model.stream(prompt, config=model_config, **kwargs):
+                    chunks.append(chunk)
+                    yield chunk
+            outcome = "complete"
+        except BaseException as err:
+            if isinstance(err, GeneratorExit):  # the caller stopped reading: generation stops
+                outcome = "abandoned"
+            elif isinstance(err, KeyboardInterrupt):
+                outcome = "interrupted"
+            run.on_chain_error(err)
+            raise
+        finally:
+            reply = None
+            if saved_human:
+                with clock.step("save_reply"):
+                    reply = self._save_reply(history, chunks, outcome)
+                if outcome == "complete" and self.kv:
+                    self.kv.save_in_background(session_id)
+            clock.stop()
+        run.on_chain_end(reply)
+
+    def _save_reply(
+        self, history: SessionHistory, chunks: Sequence[AIMessageChunk], outcome: str
+    ) -> AIMessage:
+        reply = _to_message(chunks)
+        if outcome != "complete":
+            reply.response_metadata = {
+                **reply.response_metadata,
+                "model_name": self.model.model_name,
+                "interrupted": True,
+                "finish_reason": outcome,
+            }
+        history.add_messages([reply])
+        return reply
+
+    def invoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        return _to_message(list(self.stream(input, config, **kwargs)))
+
+    async def astream(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        """``stream`` driven from a worker thread, one chunk at a time, so the event loop stays
+        free while llama.cpp works (the model's lock serializes turns across threads)."""
+        loop = asyncio.get_running_loop()
+        chunks = self.stream(input, config, **kwargs)
+        done = object()
+        try:
+            while (chunk := await loop.run_in_executor(None, next, chunks, done)) is not done:
+                yield chunk
+        finally:
+            await loop.run_in_executor(None, chunks.close)
+
+    async def ainvoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        return _to_message([chunk async for chunk in self.astream(input, config, **kwargs)])
+
+    def wait_for_saves(self) -> None:
+        """Block until background KV-state saves are on disk (call before exiting)."""
+        if self.kv:
+            self.kv.wait()
+
+    def forget(self, session_id: str) -> None:
+        """Clear a session's messages and its saved KV state."""
+        self.store.get(session_id).clear()
+        if self.kv:
+            self.kv.forget(session_id)
+
+    # -------------------------------------------------------------- settings and counting
+    def _values(self, input: Mapping[str, Any]) -> dict[str, Any]:
+        values = {**self.variables, **{k: v for k, v in input.items() if k != "messages"}}
+        self.check_variables(values)
+        return values
+
+    def reply_budget(self, max_tokens: int | None = None) -> int:
+        """Tokens kept free for the reply."""
+        return max_tokens or self.model.max_tokens or max(1, self.model.context_window // 4)
+
+    def prompt_budget(self, max_tokens: int | None = None) -> int:
+        return self.model.context_window - self.reply_budget(max_tokens)
+
+    def check_variables(self, values: Mapping[str, Any]) -> None:
+        missing = sorted(set(self.prompt.input_variables) - {"messages"} - set(values))
+        if missing:
+            raise MissingVariableError(missing)
+
+    # -------------------------------------------------------------- counting
+    def prompt_messages(self, values: Mapping[str, Any], history: Sequence[BaseMessage]):
+        return self.prompt.invoke({**values, "messages": list(history)}).to_messages()
+
+    def turn_costs(self, values: Mapping[str, Any]) -> _TurnCosts:
+        """Template tokens around the history and around one message of each role, measured in
+        place: with this system prompt ahead, inside a real conversation.
+
+        Differences of three renders (user; user, assistant; user, assistant, user) cancel what
+        every prompt has once (BOS, a default system prompt the template injects, the generation
+        prompt), so that is counted once and not charged to every message. Nothing impossible is
+        rendered: real templates read ``messages[0]`` and may insist on alternating roles.
+        """
+        head = self.prompt_messages(values, [])
+        key = tuple(m.text for m in head)
+        if self._turn_costs is None or self._turn_costs[0] != key:
+            count = self.model.get_num_tokens_from_messages
+            tokens = self.model.get_num_tokens
+            user, reply, again = HumanMessage("a"), AIMessage("b"), HumanMessage("c")
+            one = count([*head, user])
+            two = count([*head, user, reply])
+            three = count([*head, user, reply, again])
+            human = max(0, three - two - tokens(again.text))
+            ai = max(0, two - one - tokens(reply.text))
+            fixed = max(0, one - human - tokens(user.text))
+            self._turn_costs = (key, _TurnCosts(fixed, human, ai))
+        return self._turn_costs[1]
+
+    def plan(
+        self,
+        values: Mapping[str, Any],
+        history: Sequence[BaseMessage],
+        max_tokens: int | None = None,
+    ) -> TrimPlan:
+        """Where the history will be cut for the next turn, and how full the context is."""
+        budget = self.prompt_budget(max_tokens)
+        if budget <= 0:
+            raise ConfigError(
+                f"a reply of up to {self.reply_budget(max_tokens)} tokens leaves no room for the "
+                f"prompt in a {self.model.context_window}-token context: lower --max-tokens or "
+                "raise --ctx"
+            )
+        costs = self.turn_costs(values)
+        return plan_trim(
+            history,
+            count_prompt=lambda msgs: self.model.get_num_tokens_from_messages(
+                self.prompt_messages(values, msgs)
+            ),
+            message_cost=lambda m: self.model.get_num_tokens(m.text) + costs.of(m),
+            fixed=costs.fixed,
+            budget=budget,
+            watermark=self.trim_watermark,
+        )
+
+    def check_fits(self, values: Mapping[str, Any] | None = None) -> None:
+        """Raise a one-line error now if no turn could ever fit: a reply budget that fills the
+        context, or a system prompt and template that leave no room for a short message."""
+        values = self._values(values or {})
+        budget = self.prompt_budget()
+        if budget > 0:
+            probe = self.prompt_messages(values, [HumanMessage("hi")])
+            needed = self.model.get_num_tokens_from_messages(probe)
+            if needed <= budget:
+                return
+            what = f"the system prompt and chat template alone take {needed} tokens, and "
+        else:
+            what = ""
+        raise ConfigError(
+            f"the context window of {self.model.context_window} tokens is too small: {what}"
+            f"replies may take up to {self.reply_budget()} tokens; raise --ctx or lower "
+            "--max-tokens"
+        )
+
+
+def _to_message(chunks: Sequence[AIMessageChunk]) -> AIMessage:
+    if not chunks:
+        return AIMessage(content="")
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    return AIMessage(
+        content=full.content,
+        response_metadata=dict(full.response_metadata),
+        usage_metadata=full.usage_metadata,
+        id=full.id,
+    )
+
+
+def build_chatbot(
+    model: ChatLlamaCpp,
+    store: SessionStore,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    **options: Any,
+) -> Chatbot:
+    """A Runnable chatbot over ``model`` that keeps each session in ``store``.
+
+    ``options``: ``variables`` (values for the system prompt's ``{names}``), ``trim_watermark``
+    (see ``localbot.trimming``), ``kv_cache`` (save/restore llama.cpp's state per session).
+
+    Example:
+        .. code-block:: python
+
+            bot = build_chatbot(model, SessionStore(), "Answer in {language}.")
+            bot.invoke(
+                {"messages": [HumanMessage("hi! I'm Todd")], "language": "Spanish"},
+                config={"configurable": {"session_id": "abc"}},
+            )
+    """
+    return Chatbot(model, store, system_prompt, **options)

@@ -1,0 +1,78 @@
+"""Per-session llama.cpp state for the chatbot: restore a session's saved KV cache before its turn,
+save it again after the turn in the background, and know which session the model's memory holds.
+
+The file format, the identity checks and the safety rules are ``localbot.kv_state``'s; this class
+only decides *when* (see ``Chatbot.stream``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from langchain_core.messages import BaseMessage
+
+from localbot import kv_state
+from localbot.chat_model import ChatLlamaCpp
+from localbot.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+class SessionKvCache:
+    """Saves and restores the KV state of each session of one store, for one model."""
+
+    def __init__(
+        self,
+        model: ChatLlamaCpp,
+        store: SessionStore,
+        budget_bytes: int = kv_state.DEFAULT_MAX_TOTAL_BYTES,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.budget_bytes = budget_bytes
+        """Disk budget for all sessions' saved states together (oldest pruned first)."""
+        self._saves: list[threading.Thread] = []
+        self._live: str | None = None
+
+    def restore(self, session_id: str, prompt: Sequence[BaseMessage]) -> int:
+        """Before a turn: load the session's saved state if it saves reading the prompt; returns
+        the tokens restored (0 when the model's memory already holds this session, or when no
+        usable state exists)."""
+        if session_id == self._live:
+            # The model holds at least what the file holds: do not even look at it.
+            return 0
+        self.wait()
+        path = self.store.kv_state_path(session_id)
+        restored = kv_state.restore_state(self.model, path, self.model.prompt_ids(prompt))
+        self._live = session_id
+        return restored
+
+    def save_in_background(self, session_id: str) -> None:
+        """After a complete turn: save the state while the user reads and types (~18 KB per
+        token). A save that fails costs speed next time, never data."""
+        path = self.store.kv_state_path(session_id)
+
+        def save() -> None:
+            try:
+                kv_state.save_state(self.model, path)
+                kv_state.prune_states(self.store.root, self.budget_bytes)
+            except Exception:
+                log.debug("could not save KV state to %s", path, exc_info=True)
+
+        thread = threading.Thread(target=save, name="localbot-kv-save", daemon=True)
+        thread.start()
+        self._saves.append(thread)
+
+    def wait(self) -> None:
+        """Block until background saves are on disk (call before exiting)."""
+        while self._saves:
+            self._saves.pop().join()
+
+    def forget(self, session_id: str) -> None:
+        """The session's messages are gone (``/clear``): so is its saved state."""
+        self.wait()
+        kv_state.remove_state(self.store.kv_state_path(session_id))
+        if self._live == session_id:
+            self._live = None
