@@ -67,7 +67,9 @@ def _kept(bot, store) -> list:
     return history[bot.plan({}, history).start :]
 
 
-@pytest.mark.parametrize("name", ["system first", "multi turn", "unicode", "empty content", "long content", "ai last"])
+@pytest.mark.parametrize(
+    "name", ["system first", "multi turn", "unicode", "empty content", "long content", "ai last"]
+)
 def test_counted_tokens_equal_evaluated_tokens_on_each_model(any_model_path, name) -> None:
     from test_chat_model import HISTORIES
 
