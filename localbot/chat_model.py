@@ -435,10 +435,20 @@ class ChatLlamaCpp(BaseChatModel):
         return list(ids)
 
     def _render_ids(self, key: tuple[tuple[str, str], ...]) -> list[int]:
+        if not key:
+            # Nothing to evaluate, so nothing to count. An empty list is never rendered: most real
+            # templates read messages[0] and raise, and LangChain's trim_messages (a binary
+            # search over prefixes) may ask for it.
+            return []
+        from localbot.prompt_tokens import encode, special_tokens
+
+        specials = special_tokens(self._tokenizer(), self.model_path)
         turns = [{"role": role, "content": text} for role, text in key]
-        ids: list[int] = []
-        for piece in self.template.pieces(turns, add_generation_prompt=True):
-            ids.extend(self._tokenize_piece(piece.text, not piece.is_content))
+        controls = specials.controls_in(text for _, text in key)
+        pieces = self.template.pieces(turns, add_generation_prompt=True, control_tokens=controls)
+        # Tokenized like llama.cpp tokenizes the whole rendered prompt (special tokens parsed),
+        # except control-token text typed in a message, which stays text.
+        ids = encode(pieces, specials, self._tokenize_piece)
         bos = self._bos_to_add()
         if bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)

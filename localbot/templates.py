@@ -1,30 +1,37 @@
-"""Chat templates: from messages to the exact token ids the model reads.
+"""Chat templates: from messages to the prompt text the model reads.
 
-Two rules shape this module:
+Three rules shape this module:
 
-* Content stays content. The template is rendered with every message's text replaced by a
-  sentinel, so the rendered string splits into template markup (tokenized with special tokens
-  enabled: ``<start_of_turn>`` becomes the control token) and message text (tokenized as plain
-  text: a user typing ``<end_of_turn>`` gets seven ordinary tokens, not a turn boundary).
-* A system message is never dropped. When a template has no system role (it raises, or the system
-  text does not appear in its output) the system text is merged into the first user turn, the way
-  llama.cpp's own Gemma handling does.
+* Render exactly what transformers' ``apply_chat_template(messages, tokenize=False,
+  add_generation_prompt=True)`` renders for the same template, BOS/EOS and messages: the text a
+  model was trained on. The Jinja environment mirrors transformers' own
+  (``localbot.template_sandbox``), and message text reaches the template unchanged, so templates
+  that trim content or strip ``<think>`` sections from past replies work as their authors meant.
+* Content stays content. Control-token text a user types (``<end_of_turn>``) is wrapped in two
+  Unicode noncharacters before rendering (transformers' own ``sanitize_control_tokens`` does the
+  same with private-use ones), so the rendered prompt splits into *pieces*: text to tokenize with
+  special tokens parsed, and typed control-token text to tokenize as plain text. Only the
+  template can start or end a turn.
+* Nothing is dropped and nothing crashes a turn that can be rendered another way. A template
+  without a system role gets the system text merged into the first user turn (llama.cpp's own
+  Gemma handling does the same); a template that insists on alternating user/assistant turns
+  gets consecutive same-role messages merged; an empty message list is never rendered (most
+  templates read ``messages[0]``); rendering is bounded in time and size.
 
-Templates from a GGUF file are rendered in Jinja's ``ImmutableSandboxedEnvironment`` (a GGUF
-template is untrusted input: CVE-2024-34359). Files without a template get a built-in one chosen
-from ``general.architecture`` (and the vocabulary, for the ambiguous ``llama``).
+Files without a template get a built-in one chosen from ``general.architecture`` (and the
+vocabulary, for the ambiguous ``llama``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import lru_cache
 
 from localbot.errors import ConfigError
+from localbot.template_sandbox import TemplateLimitError, compile_template, render
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +96,36 @@ _ARCHITECTURES = {
 # The ``llama`` architecture covers Llama 2/3, Mistral and SmolLM: the vocabulary tells them apart.
 _VOCAB_MARKERS = (("<|eot_id|>", "llama3"), ("<|im_start|>", "chatml"), ("[INST]", "mistral"))
 
-_SENTINEL = "\ue000{}\ue001"
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+MARK_START = "\ufdd0"
+MARK_END = "\ufdd1"
+"""Around control-token text typed in a message. Noncharacters: Unicode reserves them for a
+program's internal use, so no text a user means to send contains them (they are removed from
+message text, as transformers removes its own markers)."""
+
+DEFAULT_MAX_CHARS = 1 << 20
+"""Characters a render may produce beyond four times its messages' text: plenty for any real
+template's markup. Pass ``max_chars_for_context(n_ctx)`` to tie it to the context window."""
+
+DEFAULT_SECONDS = 2.0
+"""Wall-clock allowance of one render of a short history: real templates take milliseconds."""
+
+_PROBE = "localbot system prompt probe 7f3a"
+
+
+def max_chars_for_context(n_ctx: int) -> int:
+    """A render allowance for a context of ``n_ctx`` tokens: eight contexts' worth at ~4
+    characters a token (the messages' own text is allowed on top, see ``ChatTemplate``)."""
+    return 32 * max(n_ctx, 1)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of prompt text: template markup (``is_content=False``) or message text."""
+    """A run of the rendered prompt. ``plain=False``: template markup and message text, to be
+    tokenized the way llama.cpp tokenizes a whole prompt (special tokens parsed).
+    ``plain=True``: control-token text typed in a message, to be tokenized as plain text."""
 
     text: str
-    is_content: bool
+    plain: bool = False
 
 
 def choose_builtin(architecture: str, has_token: Callable[[str], bool]) -> str:
@@ -111,77 +138,217 @@ def choose_builtin(architecture: str, has_token: Callable[[str], bool]) -> str:
     return "chatml"
 
 
-@lru_cache(maxsize=16)
-def _compile(source: str):
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateError as err:
-        raise ConfigError(f"the chat template does not compile: {err}") from err
-
-
 class ChatTemplate:
-    """A Jinja chat template plus the knowledge of whether it has a system role."""
+    """A Jinja chat template, compiled once, that renders message lists into ``Piece`` lists.
 
-    def __init__(self, source: str, name: str, bos_token: str = "", eos_token: str = "") -> None:
-        self.source, self.name = source, name
+    ``origin`` says where the template came from ("from the GGUF", "built-in chatml for
+    architecture llama", "--chat-format"): error messages name it, and the front ends show it.
+    ``max_chars`` and ``seconds`` bound each render (see ``localbot.template_sandbox``).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        name: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        *,
+        origin: str = "",
+        max_chars: int = DEFAULT_MAX_CHARS,
+        seconds: float = DEFAULT_SECONDS,
+    ) -> None:
+        self.source, self.name, self.origin = source, name, origin
         self.bos_token, self.eos_token = bos_token, eos_token
-        self._template = _compile(source)
+        self.max_chars, self.seconds = max_chars, seconds
+        if MARK_START in source or MARK_END in source:
+            raise ConfigError(
+                f"{self.label} contains U+FDD0/U+FDD1, characters localbot reserves for marking "
+                "message text; use another template (--chat-format)"
+            )
+        self._template = self._compile()
         self.supports_system = name not in _NO_SYSTEM_ROLE and self._probe_system_role()
 
     @classmethod
-    def builtin(cls, name: str, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+    def builtin(
+        cls,
+        name: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        *,
+        origin: str = "",
+        max_chars: int = DEFAULT_MAX_CHARS,
+        seconds: float = DEFAULT_SECONDS,
+    ) -> ChatTemplate:
         if name not in BUILTIN_TEMPLATES:
             known = ", ".join(sorted(BUILTIN_TEMPLATES))
             raise ConfigError(f"unknown chat format {name!r}; choose one of: {known}")
-        return cls(BUILTIN_TEMPLATES[name], name, bos_token, eos_token)
-
-    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self._template.render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
+        return cls(
+            BUILTIN_TEMPLATES[name],
+            name,
+            bos_token,
+            eos_token,
+            origin=origin or f"built-in {name}",
+            max_chars=max_chars,
+            seconds=seconds,
         )
 
-    def _probe_system_role(self) -> bool:
-        probe = [
-            {"role": "system", "content": _SENTINEL.format(0)},
-            {"role": "user", "content": _SENTINEL.format(1)},
-        ]
+    @property
+    def label(self) -> str:
+        """How error messages name this template: ``chat template 'gguf' (from the GGUF)``."""
+        return f"chat template {self.name!r}" + (f" ({self.origin})" if self.origin else "")
+
+    def _compile(self):
         try:
-            return _SENTINEL.format(0) in self._render(probe, True)
+            return compile_template(self.source)
+        except RecursionError as err:
+            raise ConfigError(f"{self.label} does not compile: it nests too deeply") from err
+        except Exception as err:  # TemplateSyntaxError, and whatever else Jinja's parser raises
+            line = getattr(err, "lineno", None)
+            where = f" (line {line})" if line else ""
+            raise ConfigError(f"{self.label} does not compile: {_one_line(err)}{where}") from err
+
+    # ----------------------------------------------------------------- rendering
+    def render(
+        self,
+        messages: Sequence[dict[str, str]],
+        add_generation_prompt: bool = True,
+        *,
+        control_tokens: Collection[str] = (),
+    ) -> str:
+        """The prompt text for ``messages`` ({role, content} dicts): what transformers renders
+        (after the merges described in the module docstring, when the template needed them)."""
+        pieces = self.pieces(messages, add_generation_prompt, control_tokens=control_tokens)
+        return "".join(p.text for p in pieces)
+
+    def pieces(
+        self,
+        messages: Sequence[dict[str, str]],
+        add_generation_prompt: bool = True,
+        *,
+        control_tokens: Collection[str] = (),
+    ) -> list[Piece]:
+        """Render ``messages`` into pieces. ``control_tokens``: the control-token texts of the
+        vocabulary that occur in the messages (``localbot.prompt_tokens`` finds them); they stay
+        plain text. An empty list renders to no pieces: there is nothing to evaluate."""
+        if not messages:
+            return []
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not self.supports_system:
+            turns = merge_system(turns)
+        markers = _markers(frozenset(control_tokens))
+        marked = [{**m, "content": markers.mark(m["content"])} for m in turns]
+        text = self._render_with_fallbacks(marked, add_generation_prompt)
+        pieces = markers.split_pieces(text)
+        if not any(p.text for p in pieces):
+            raise ConfigError(
+                f"{self.label} rendered nothing for {len(turns)} message(s); "
+                "use another template (--chat-format)"
+            )
+        return pieces
+
+    def _render_with_fallbacks(self, turns: list[dict[str, str]], generation: bool) -> str:
+        # The template as it is first; then, if it raised, the history reshaped the way strict
+        # templates want it: consecutive same-role turns merged (Mistral, Gemma insist on
+        # user/assistant alternation), then system text merged too.
+        attempts = [turns]
+        alternating = merge_consecutive(turns)
+        if alternating != turns:
+            attempts.append(alternating)
+        if any(m["role"] == "system" for m in turns):
+            attempts.append(merge_consecutive(merge_system(turns)))
+        first_error: Exception | None = None
+        for attempt in attempts:
+            try:
+                return self._render(attempt, generation)
+            except ConfigError:
+                raise
+            except Exception as err:  # raise_exception(), or a template bug on this history
+                first_error = first_error or err
+        raise ConfigError(f"{self.label} failed to render: {_one_line(first_error)}") from (
+            first_error
+        )
+
+    def _render(self, turns: list[dict[str, str]], generation: bool) -> str:
+        # The variables transformers passes: messages, tools, documents, add_generation_prompt
+        # and the tokenizer's special tokens.
+        context = {
+            "messages": [dict(m) for m in turns],
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": generation,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+        chars = self.max_chars + 4 * sum(len(m["content"]) for m in turns)
+        # Some real templates look back over the history for every message (Gemma 4's: 0.5 s
+        # for 600 messages here): the time allowance grows with the square of the history.
+        seconds = self.seconds * (1 + (len(turns) / 500) ** 2)
+        try:
+            return render(self._template, context, chars, seconds)
+        except TemplateLimitError as err:
+            raise ConfigError(
+                f"{self.label} was stopped: {err}; the template is broken or hostile "
+                "(use another with --chat-format)"
+            ) from err
+        except (RecursionError, MemoryError) as err:
+            raise ConfigError(f"{self.label} was stopped: it recursed or grew too far") from err
+
+    def _probe_system_role(self) -> bool:
+        """Whether system text shows up in the output (templates without a system role raise,
+        or silently leave it out)."""
+        probe = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}]
+        try:
+            return _PROBE in self._render(probe, True)
+        except ConfigError:
+            raise  # stopped by a bound: the template would fail every turn
         except Exception:  # a template that rejects the system role by raising
             return False
 
-    def pieces(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True):
-        """Render ``messages`` ({role, content} dicts) into markup and content pieces."""
-        messages = merge_system(messages) if not self.supports_system else list(messages)
-        masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
-        try:
-            rendered = self._render(masked, add_generation_prompt)
-        except Exception as err:
-            raise ConfigError(f"chat template {self.name!r} failed to render: {err}") from err
+
+@dataclass(frozen=True)
+class _Markers:
+    find: re.Pattern[str] | None
+    """Control-token text in a message (None: there is none)."""
+    split: re.Pattern[str]
+    """A marked control token (group 1) or a lone marker, in the rendered text."""
+
+    def mark(self, text: str) -> str:
+        text = text.replace(MARK_START, "").replace(MARK_END, "")
+        if self.find is None:
+            return text
+        return self.find.sub(lambda m: f"{MARK_START}{m.group()}{MARK_END}", text)
+
+    def split_pieces(self, text: str) -> list[Piece]:
+        """Cut a marked render into pieces; markers vanish. A lone marker (a template cut a
+        marked token apart) leaves an empty plain piece: the text around it, up to the template's
+        next special token, is tokenized as plain text, so the halves cannot join into a token."""
         pieces: list[Piece] = []
         pos = 0
-        for match in _SENTINEL_RE.finditer(rendered):
+        for match in self.split.finditer(text):
             if match.start() > pos:
-                pieces.append(Piece(rendered[pos : match.start()], False))
-            content = messages[int(match.group(1))]["content"]
-            if content:
-                pieces.append(Piece(content, True))
+                pieces.append(Piece(text[pos : match.start()]))
+            token = match.group(1) if self.find is not None else None
+            pieces.append(Piece(token or "", plain=True))
             pos = match.end()
-        if pos < len(rendered):
-            pieces.append(Piece(rendered[pos:], False))
+        if pos < len(text):
+            pieces.append(Piece(text[pos:]))
         return pieces
+
+
+@lru_cache(maxsize=64)
+def _markers(control_tokens: frozenset[str]) -> _Markers:
+    # Longest first, so a token wins over the tokens it contains.
+    tokens = sorted((t for t in control_tokens if t), key=len, reverse=True)
+    if not tokens:
+        return _Markers(None, re.compile(f"[{MARK_START}{MARK_END}]"))
+    alternatives = "|".join(map(re.escape, tokens))
+    split = re.compile(f"{MARK_START}({alternatives}){MARK_END}|[{MARK_START}{MARK_END}]")
+    return _Markers(re.compile(alternatives), split)
+
+
+def _one_line(err: BaseException | None) -> str:
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    return " ".join(str(message).split())[:300]
 
 
 def merge_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
@@ -196,3 +363,21 @@ def merge_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
             merged = f"{system}\n\n{m['content']}" if m["content"] else system
             return [*rest[:i], {**m, "content": merged}, *rest[i + 1 :]]
     return [{"role": "user", "content": system}, *rest]
+
+
+def merge_consecutive(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Join runs of same-role messages into one (texts separated by a blank line), for templates
+    that raise unless user and assistant turns alternate."""
+    merged: list[dict[str, str]] = []
+    for m in messages:
+        if merged and merged[-1]["role"] == m["role"]:
+            previous = merged[-1]["content"]
+            joined = (
+                f"{previous}\n\n{m['content']}"
+                if previous and m["content"]
+                else (previous or m["content"])
+            )
+            merged[-1] = {**merged[-1], "content": joined}
+        else:
+            merged.append(dict(m))
+    return merged
