@@ -42,7 +42,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from localbot.errors import ConfigError, ContextOverflowError, LocalbotError
 from localbot.gguf_file import GGUFInfo, read_gguf
 from localbot.runtime import load_llama, supports_gpu_offload
-from localbot.templates import BUILTIN_TEMPLATES, ChatTemplate, choose_builtin
+from localbot.templates import ChatTemplate, choose_builtin, max_chars_for_context
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,6 @@ class TurnStats:
             "prompt_tokens_per_s": round(self.prompt_tokens_per_second, 1),
             "generation_tokens_per_s": round(self.generation_tokens_per_second, 1),
         }
-
-
-def _with_origin(template: ChatTemplate, origin: str) -> ChatTemplate:
-    template.origin = origin
-    return template
 
 
 def message_role(message: BaseMessage) -> str:
@@ -351,19 +346,20 @@ class ChatLlamaCpp(BaseChatModel):
         tok = self._tokenizer()
         bos = tok.detokenize([tok.token_bos()], special=True).decode("utf-8", "replace")
         eos = tok.detokenize([tok.token_eos()], special=True).decode("utf-8", "replace")
+        # The template's output is bounded by the context it must fit (a hostile template in a
+        # GGUF cannot fill memory): see localbot.template_sandbox.
+        bounds = {"max_chars": max_chars_for_context(self.context_window)}
         fmt = self.chat_format
         if fmt and ("{%" in fmt or "{{" in fmt):
-            return _with_origin(
-                ChatTemplate(fmt, "custom", bos, eos), "custom Jinja, from chat_format"
+            return ChatTemplate(
+                fmt, "custom", bos, eos, origin="custom Jinja, from chat_format", **bounds
             )
         if fmt:
-            return _with_origin(
-                ChatTemplate.builtin(fmt, bos, eos), f"built-in {fmt}, from chat_format"
-            )
+            origin = f"built-in {fmt}, from chat_format"
+            return ChatTemplate.builtin(fmt, bos, eos, origin=origin, **bounds)
         if self.gguf.chat_template:
-            return _with_origin(
-                ChatTemplate(self.gguf.chat_template, "gguf", bos, eos), "the model file's own"
-            )
+            source = self.gguf.chat_template
+            return ChatTemplate(source, "gguf", bos, eos, origin="the model file's own", **bounds)
         name = choose_builtin(self.gguf.architecture, self._is_single_special_token)
         if self.model_path not in _warned_no_template:
             _warned_no_template.add(self.model_path)
@@ -374,16 +370,15 @@ class ChatLlamaCpp(BaseChatModel):
                 name,
                 self.gguf.architecture,
             )
-        template = ChatTemplate(BUILTIN_TEMPLATES[name], name, bos, eos)
-        arch = self.gguf.architecture
-        return _with_origin(template, f"built-in {name}, for architecture {arch!r} (none in file)")
+        origin = f"built-in {name}, for architecture {self.gguf.architecture!r} (none in file)"
+        return ChatTemplate.builtin(name, bos, eos, origin=origin, **bounds)
 
     def template_description(self, template: ChatTemplate | None = None) -> str:
         """Which chat template is in use and where it came from: "the model file's own",
         "built-in gemma, for architecture 'gemma3' (none in file)", "built-in chatml, from
         chat_format" or "custom Jinja, from chat_format"."""
         template = template or self.template
-        return getattr(template, "origin", "") or template.name
+        return template.origin or template.name
 
     def _is_single_special_token(self, text: str) -> bool:
         return len(self._tokenizer().tokenize(text.encode(), add_bos=False, special=True)) == 1

@@ -32,7 +32,8 @@ EXIT_CODES = """exit codes:
   0    success
   1    other error
   2    bad usage: unknown flag, bad value, missing template variable
-  3    model file missing, not GGUF, corrupt, or llama.cpp could not load it
+  3    model file missing, not GGUF, corrupt, its chat template fails, or llama.cpp
+       could not load it
   4    the message does not fit in the context window
   5    bad session name, or a corrupt session file (it is left untouched)
   6    models/manifest.json problem (the model does not match its record)

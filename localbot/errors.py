@@ -50,6 +50,13 @@ class ModelLoadError(LocalbotError):
     exit_code = 3
 
 
+class TemplateError(LocalbotError):
+    """The chat template does not compile, fails to render, or is stopped by a bound. Exit 3
+    with the model-file problems: the template usually comes from the model file."""
+
+    exit_code = 3
+
+
 class ContextOverflowError(LocalbotError):
     """The prompt plus the reply budget does not fit in the context window."""
 

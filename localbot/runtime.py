@@ -8,11 +8,14 @@ logged at ERROR level during a load are kept so a failed load can say *why* in o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import re
 import sys
+import threading
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +102,47 @@ def _failure(err: Exception, path: Path, vocab_only: bool) -> str:
     return f"llama-cpp-python could not load {what} {path}: {detail}"
 
 
+class _UnusedChatFormatter:
+    """Stands in for llama-cpp-python's ``Jinja2ChatFormatter`` while a ``Llama`` is built.
+
+    ``Llama.__init__`` compiles every chat template in the GGUF's metadata into a chat handler,
+    with no bound on time or memory (Jinja folds ``{{ 'x' * 10**9 }}`` at compile time: 19 s and
+    4 GB before localbot could say a word). localbot never uses those handlers: it renders the
+    template itself, sandboxed and bounded (``localbot.templates``). So the compile is skipped.
+    """
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> Any:
+        def unused(*_: Any, **__: Any) -> Any:
+            raise RuntimeError("localbot renders chat templates itself (localbot.templates)")
+
+        return unused
+
+
+_formatter_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _metadata_templates_not_compiled() -> Iterator[None]:
+    from llama_cpp import llama_chat_format
+
+    with _formatter_lock:
+        original = llama_chat_format.Jinja2ChatFormatter
+        llama_chat_format.Jinja2ChatFormatter = _UnusedChatFormatter
+        try:
+            yield
+        finally:
+            llama_chat_format.Jinja2ChatFormatter = original
+
+
 def load_llama(path: Path, *, verbose: bool, vocab_only: bool = False, **params: Any):
     """Construct a ``llama_cpp.Llama``; raise ModelLoadError with the real reason on failure.
 
-    Any exception from the constructor becomes a ModelLoadError: llama-cpp-python compiles every
-    chat template in the file's metadata there (a jinja2 error), asserts, and wraps llama.cpp's
-    failures in generic ValueErrors whose reason is only in llama.cpp's log.
+    Any exception from the constructor becomes a ModelLoadError: llama-cpp-python asserts, and
+    wraps llama.cpp's failures in generic ValueErrors whose reason is only in llama.cpp's log.
+    The chat templates in the file are not compiled here (see ``_UnusedChatFormatter``).
     """
     install_log_handler()
     set_verbose(verbose)
@@ -112,6 +150,7 @@ def load_llama(path: Path, *, verbose: bool, vocab_only: bool = False, **params:
 
     _errors.clear()
     try:
-        return Llama(model_path=str(path), vocab_only=vocab_only, verbose=verbose, **params)
+        with _metadata_templates_not_compiled():
+            return Llama(model_path=str(path), vocab_only=vocab_only, verbose=verbose, **params)
     except Exception as err:
         raise ModelLoadError(_failure(err, path, vocab_only)) from err

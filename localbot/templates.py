@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from localbot.errors import ConfigError
+from localbot.errors import ConfigError, TemplateError
 from localbot.template_sandbox import TemplateLimitError, compile_template, render
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class ChatTemplate:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.max_chars, self.seconds = max_chars, seconds
         if MARK_START in source or MARK_END in source:
-            raise ConfigError(
+            raise TemplateError(
                 f"{self.label} contains U+FDD0/U+FDD1, characters localbot reserves for marking "
                 "message text; use another template (--chat-format)"
             )
@@ -201,11 +201,11 @@ class ChatTemplate:
         try:
             return compile_template(self.source)
         except RecursionError as err:
-            raise ConfigError(f"{self.label} does not compile: it nests too deeply") from err
+            raise TemplateError(f"{self.label} does not compile: it nests too deeply") from err
         except Exception as err:  # TemplateSyntaxError, and whatever else Jinja's parser raises
             line = getattr(err, "lineno", None)
             where = f" (line {line})" if line else ""
-            raise ConfigError(f"{self.label} does not compile: {_one_line(err)}{where}") from err
+            raise TemplateError(f"{self.label} does not compile: {_one_line(err)}{where}") from err
 
     # ----------------------------------------------------------------- rendering
     def render(
@@ -240,7 +240,7 @@ class ChatTemplate:
         text = self._render_with_fallbacks(marked, add_generation_prompt)
         pieces = markers.split_pieces(text)
         if not any(p.text for p in pieces):
-            raise ConfigError(
+            raise TemplateError(
                 f"{self.label} rendered nothing for {len(turns)} message(s); "
                 "use another template (--chat-format)"
             )
@@ -260,11 +260,11 @@ class ChatTemplate:
         for attempt in attempts:
             try:
                 return self._render(attempt, generation)
-            except ConfigError:
+            except TemplateError:
                 raise
             except Exception as err:  # raise_exception(), or a template bug on this history
                 first_error = first_error or err
-        raise ConfigError(f"{self.label} failed to render: {_one_line(first_error)}") from (
+        raise TemplateError(f"{self.label} failed to render: {_one_line(first_error)}") from (
             first_error
         )
 
@@ -286,12 +286,12 @@ class ChatTemplate:
         try:
             return render(self._template, context, chars, seconds)
         except TemplateLimitError as err:
-            raise ConfigError(
+            raise TemplateError(
                 f"{self.label} was stopped: {err}; the template is broken or hostile "
                 "(use another with --chat-format)"
             ) from err
         except (RecursionError, MemoryError) as err:
-            raise ConfigError(f"{self.label} was stopped: it recursed or grew too far") from err
+            raise TemplateError(f"{self.label} was stopped: it recursed or grew too far") from err
 
     def _probe_system_role(self) -> bool:
         """Whether system text shows up in the output (templates without a system role raise,
@@ -299,7 +299,7 @@ class ChatTemplate:
         probe = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}]
         try:
             return _PROBE in self._render(probe, True)
-        except ConfigError:
+        except TemplateError:
             raise  # stopped by a bound: the template would fail every turn
         except Exception:  # a template that rejects the system role by raising
             return False

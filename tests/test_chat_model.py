@@ -335,9 +335,9 @@ def test_a_template_that_rejects_system_messages_gets_them_merged(test_model_pat
 
 
 def test_template_code_runs_sandboxed(test_model_path) -> None:
-    from localbot.errors import ConfigError
+    from localbot.errors import TemplateError
 
     hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}"
     model = ChatLlamaCpp(model_path=str(test_model_path), chat_format=hostile)
-    with pytest.raises(ConfigError, match="failed to render"):
+    with pytest.raises(TemplateError, match="failed to render"):
         model.prompt_ids([HumanMessage("hi")])

@@ -20,7 +20,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from template_cases import TEMPLATE_CASES, VOCABS, TemplateCase, smollm2_file, vocab_file
 
 from localbot.chat_model import ChatLlamaCpp, message_role
-from localbot.errors import ConfigError
+from localbot.errors import TemplateError
 from localbot.templates import merge_consecutive, merge_system
 
 pytestmark = pytest.mark.model
@@ -291,7 +291,7 @@ def test_templates_that_raise_on_repeated_roles_get_them_merged(case: TemplateCa
 
 @pytest.mark.parametrize("case", [c for c in TEMPLATE_CASES if c.needs_tools], ids=lambda c: c.name)
 def test_a_template_that_needs_tools_fails_with_one_clear_line(case: TemplateCase) -> None:
-    with pytest.raises(ConfigError, match="failed to render") as err:
+    with pytest.raises(TemplateError, match="failed to render") as err:
         chat_model(case, case.family).prompt_ids([HumanMessage("Hello")])
     assert "\n" not in str(err.value)
     with pytest.raises(Exception, match="not iterable"):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from localbot.errors import ConfigError
+from localbot.errors import TemplateError
 from localbot.prompt_tokens import SpecialTokens, _trie_pattern, encode
 from localbot.templates import (
     BUILTIN_TEMPLATES,
@@ -89,12 +89,12 @@ def test_builtin_templates_render_what_transformers_renders(name: str) -> None:
 
 
 def test_underscore_names_on_a_namespace_are_refused() -> None:
-    with pytest.raises(ConfigError, match="underscore"):
+    with pytest.raises(TemplateError, match="underscore"):
         ours("{% set ns = namespace(_x=1) %}{{ messages[0].content }}")
 
 
 def test_python_internals_stay_out_of_reach() -> None:
-    with pytest.raises(ConfigError, match="failed to render"):
+    with pytest.raises(TemplateError, match="failed to render"):
         ours("{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0].content }}")
 
 
@@ -130,7 +130,7 @@ def test_marker_characters_typed_in_a_message_are_removed() -> None:
 
 
 def test_a_template_containing_marker_characters_is_refused_at_load() -> None:
-    with pytest.raises(ConfigError, match="U\\+FDD0"):
+    with pytest.raises(TemplateError, match="U\\+FDD0"):
         ChatTemplate("\ufdd0{{ messages[0].content }}", "gguf", origin="from the GGUF")
 
 
@@ -197,7 +197,7 @@ def test_repeated_roles_are_merged_only_when_the_template_raises() -> None:
 def test_a_template_that_fails_anyway_is_one_clear_line_naming_its_origin() -> None:
     source = "{% if messages | length > 1 %}{{ raise_exception('no\\nway') }}{% endif %}ok"
     template = ChatTemplate(source, "gguf", origin="from the GGUF")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(TemplateError) as err:
         template.render(CHAT)
     message = str(err.value)
     assert message == "chat template 'gguf' (from the GGUF) failed to render: no way"
@@ -287,7 +287,7 @@ HOSTILE = {
 @pytest.mark.parametrize(("source", "reason"), HOSTILE.values(), ids=list(HOSTILE))
 def test_hostile_templates_stop_fast_with_one_line(source: str, reason: str) -> None:
     start = time.perf_counter()
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(TemplateError) as err:
         # The error comes at load: the system-role probe is a render too.
         ChatTemplate(source, "gguf", origin="from the GGUF", max_chars=100_000, seconds=0.3)
     assert time.perf_counter() - start < 2.0
@@ -309,7 +309,7 @@ def test_a_big_product_is_not_computed_at_compile_time() -> None:
 
 
 def test_a_syntax_error_is_one_line_with_its_line_number() -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(TemplateError) as err:
         ChatTemplate("{{ messages }}\n{% if %}", "gguf", origin="from the GGUF")
     assert str(err.value) == (
         "chat template 'gguf' (from the GGUF) does not compile: "
@@ -319,13 +319,13 @@ def test_a_syntax_error_is_one_line_with_its_line_number() -> None:
 
 def test_absurd_nesting_is_a_clear_error() -> None:
     source = "{% if true %}" * 3000 + "x" + "{% endif %}" * 3000
-    with pytest.raises(ConfigError, match="nests too deeply"):
+    with pytest.raises(TemplateError, match="nests too deeply"):
         ChatTemplate(source, "gguf")
 
 
 def test_a_template_that_renders_nothing_is_a_clear_error() -> None:
     template = ChatTemplate("{% if messages | length > 5 %}{{ messages }}{% endif %}", "gguf")
-    with pytest.raises(ConfigError, match="rendered nothing for 1 message"):
+    with pytest.raises(TemplateError, match="rendered nothing for 1 message"):
         template.pieces(USER)
 
 
