@@ -14,13 +14,11 @@ What it does differently from ``langchain_community.chat_models.ChatLlamaCpp``:
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 import logging
-import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ from langchain_core.messages import (
     AIMessageChunk,
     BaseMessage,
     ChatMessage,
-    HumanMessage,
     MessageLikeRepresentation,
     SystemMessage,
     convert_to_messages,
@@ -40,9 +37,12 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from localbot.errors import ConfigError, ContextOverflowError, LocalbotError
+from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
+from localbot.llama_cache import vocab_handle
 from localbot.runtime import load_llama, supports_gpu_offload
-from localbot.templates import ChatTemplate, choose_builtin, max_chars_for_context
+from localbot.template_choice import resolve_template
+from localbot.templates import ChatTemplate, max_chars_for_context
 
 log = logging.getLogger(__name__)
 
@@ -59,47 +59,6 @@ def round_context(n_ctx: int) -> int:
     return -(-n_ctx // CTX_BLOCK) * CTX_BLOCK
 
 
-_warned_no_template: set[str] = set()
-
-
-@dataclass
-class TurnStats:
-    """Timings of one generation, for ``/stats`` and the benchmark."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    time_to_first_token: float = 0.0
-    generation_seconds: float = 0.0
-    finish_reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def evaluated_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def prompt_tokens_per_second(self) -> float:
-        t = self.time_to_first_token
-        return self.evaluated_tokens / t if t > 0 else 0.0
-
-    @property
-    def generation_tokens_per_second(self) -> float:
-        n, t = self.output_tokens - 1, self.generation_seconds
-        return n / t if n > 0 and t > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "evaluated_tokens": self.evaluated_tokens,
-            "output_tokens": self.output_tokens,
-            "time_to_first_token_s": round(self.time_to_first_token, 4),
-            "prompt_tokens_per_s": round(self.prompt_tokens_per_second, 1),
-            "generation_tokens_per_s": round(self.generation_tokens_per_second, 1),
-        }
-
-
 def message_role(message: BaseMessage) -> str:
     if isinstance(message, SystemMessage):
         return "system"
@@ -109,38 +68,6 @@ def message_role(message: BaseMessage) -> str:
         return message.role
     # Human, tool and unknown roles are read as user text: no template here knows "tool".
     return "user"
-
-
-class _StopMatcher:
-    """Holds back text that could be the start of a stop sequence, across token boundaries."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop sequence was reached)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:k]):
-                    hold = max(hold, k)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class ChatLlamaCpp(BaseChatModel):
@@ -338,40 +265,21 @@ class ChatLlamaCpp(BaseChatModel):
             return self._template
 
     def _resolve_template(self) -> ChatTemplate:
-        template = self._choose_template()
+        tok = self._tokenizer()
+        template = resolve_template(
+            chat_format=self.chat_format,
+            gguf_template=self.gguf.chat_template,
+            architecture=self.gguf.architecture,
+            has_token=self._is_single_special_token,
+            bos=tok.detokenize([tok.token_bos()], special=True).decode("utf-8", "replace"),
+            eos=tok.detokenize([tok.token_eos()], special=True).decode("utf-8", "replace"),
+            # A template's output is bounded by the context it must fit: a hostile template in
+            # a GGUF cannot fill memory (see localbot.template_sandbox).
+            max_chars=max_chars_for_context(self.context_window),
+            model_name=self.model_name,
+        )
         log.info("chat template: %s", self.template_description(template))
         return template
-
-    def _choose_template(self) -> ChatTemplate:
-        tok = self._tokenizer()
-        bos = tok.detokenize([tok.token_bos()], special=True).decode("utf-8", "replace")
-        eos = tok.detokenize([tok.token_eos()], special=True).decode("utf-8", "replace")
-        # The template's output is bounded by the context it must fit (a hostile template in a
-        # GGUF cannot fill memory): see localbot.template_sandbox.
-        bounds = {"max_chars": max_chars_for_context(self.context_window)}
-        fmt = self.chat_format
-        if fmt and ("{%" in fmt or "{{" in fmt):
-            return ChatTemplate(
-                fmt, "custom", bos, eos, origin="custom Jinja, from chat_format", **bounds
-            )
-        if fmt:
-            origin = f"built-in {fmt}, from chat_format"
-            return ChatTemplate.builtin(fmt, bos, eos, origin=origin, **bounds)
-        if self.gguf.chat_template:
-            source = self.gguf.chat_template
-            return ChatTemplate(source, "gguf", bos, eos, origin="the model file's own", **bounds)
-        name = choose_builtin(self.gguf.architecture, self._is_single_special_token)
-        if self.model_path not in _warned_no_template:
-            _warned_no_template.add(self.model_path)
-            log.warning(
-                "%s has no chat template; using the built-in %r format for architecture %r "
-                "(set chat_format / --chat-format to override)",
-                self.model_name,
-                name,
-                self.gguf.architecture,
-            )
-        origin = f"built-in {name}, for architecture {self.gguf.architecture!r} (none in file)"
-        return ChatTemplate.builtin(name, bos, eos, origin=origin, **bounds)
 
     def template_description(self, template: ChatTemplate | None = None) -> str:
         """Which chat template is in use and where it came from: "the model file's own",
@@ -454,16 +362,28 @@ class ChatLlamaCpp(BaseChatModel):
         import llama_cpp
 
         tok = self._tokenizer()
-        if not llama_cpp.llama_vocab_get_add_bos(tok._model.vocab):
+        if not llama_cpp.llama_vocab_get_add_bos(vocab_handle(tok)):
             return None
         bos = tok.token_bos()
         return bos if bos >= 0 else None
 
     # ----------------------------------------------------------------- generation
+    @contextlib.contextmanager
+    def exclusive(self, load: bool = True) -> Iterator[Any]:
+        """The ``llama_cpp.Llama``, held for this caller alone (generation waits): for saving
+        and restoring its state. With ``load=False`` it yields None when the model is not
+        loaded rather than loading it."""
+        llama = self.load() if load else self._llama
+        if llama is None:
+            yield None
+            return
+        with self._run_lock:
+            yield llama
+
     def _run(
-        self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
-    ) -> Iterator[str | TurnStats]:
-        """Generate a reply: yields text pieces, then one TurnStats."""
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[str]:
+        """Generate a reply: yields text pieces; ``self.last_stats`` says how it went."""
         if kwargs.get("model") not in (None, self.model_name, self.model_path):
             raise ConfigError(
                 "ChatLlamaCpp runs the one GGUF file it was created with; "
@@ -481,83 +401,25 @@ class ChatLlamaCpp(BaseChatModel):
                 f"{len(prompt) + max_tokens} > the context window of {n_ctx} tokens "
                 "(shorten the conversation, lower max_tokens or raise n_ctx)"
             )
-        stops = [*(self.stop or []), *(stop or [])]
+        sampling = Sampling(
+            temperature=kwargs.get("temperature", self.temperature),
+            top_p=kwargs.get("top_p", self.top_p),
+            top_k=kwargs.get("top_k", self.top_k),
+            min_p=kwargs.get("min_p", self.min_p),
+            repeat_penalty=kwargs.get("repeat_penalty", self.repeat_penalty),
+            seed=kwargs.get("seed", self.seed),
+        )
         with self._run_lock:
-            yield from self._decode(llama, prompt, max_tokens, stops, kwargs)
-
-    def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "temp": kwargs.get("temperature", self.temperature),
-            "top_p": kwargs.get("top_p", self.top_p),
-            "top_k": kwargs.get("top_k", self.top_k),
-            "min_p": kwargs.get("min_p", self.min_p),
-            "repeat_penalty": kwargs.get("repeat_penalty", self.repeat_penalty),
-        }
-
-    def _decode(
-        self, llama: Any, prompt: list[int], max_tokens: int, stops: list[str], kwargs: dict
-    ) -> Iterator[str | TurnStats]:
-        import llama_cpp
-
-        from localbot.kv_state import drop_unsafe_cache, reusable_tokens
-
-        seed = kwargs.get("seed", self.seed)
-        llama.set_seed(seed if seed is not None else random.randint(0, 2**31 - 1))
-        # With swa_full off, llama.cpp may hold too little of the sliding window to reuse the
-        # cached prefix correctly: then read the prompt in full rather than answer wrongly.
-        drop_unsafe_cache(llama, prompt)
-        stats = TurnStats(prompt_tokens=len(prompt), cached_tokens=reusable_tokens(llama, prompt))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = _StopMatcher(stops)
-        vocab = llama._model.vocab
-        start = time.perf_counter()
-        timeout = kwargs.get("timeout", self.timeout)
-        deadline = start + timeout if timeout else None
-        first = None
-        reason = None  # why the reply ended; stays None while tokens keep coming
-        tokens = llama.generate(prompt, reset=True, **self._sampling(kwargs))
-        try:
-            for token in tokens:
-                if first is None:
-                    first = time.perf_counter()
-                    stats.time_to_first_token = first - start
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    reason = "stop"
-                    break
-                stats.output_tokens += 1
-                text, stopped = matcher.feed(decoder.decode(llama.detokenize([token])))
-                if text:
-                    yield text
-                if stopped:
-                    reason = "stop"
-                elif stats.output_tokens >= max_tokens:
-                    reason = "length"
-                elif deadline is not None and time.perf_counter() > deadline:
-                    reason = "timeout"
-                if reason:
-                    break
-        except GeneratorExit:  # the consumer closed the stream
-            reason = "abandoned"
-            raise
-        except KeyboardInterrupt:
-            reason = "interrupted"
-            raise
-        except BaseException:
-            reason = "error"
-            raise
-        finally:
-            tokens.close()
-            stats.finish_reason = reason or "length"
-            if first is not None:
-                stats.generation_seconds = time.perf_counter() - first
-            self._last_stats = stats
-        # Text held back as a possible stop-sequence start is real text when no stop matched
-        # (after a match the matcher holds nothing).
-        tail, _ = matcher.feed(decoder.decode(b"", final=True))
-        tail += matcher.flush()
-        if tail:
-            yield tail
-        yield stats
+            self._last_stats = stats = TurnStats()
+            yield from generate(
+                llama,
+                prompt,
+                max_tokens=max_tokens,
+                stops=[*(self.stop or []), *(stop or [])],
+                sampling=sampling,
+                timeout=kwargs.get("timeout", self.timeout),
+                stats=stats,
+            )
 
     def _result_metadata(self, stats: TurnStats) -> tuple[dict[str, Any], dict[str, Any]]:
         usage = {
@@ -581,16 +443,14 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        parts: list[str] = []
-        stats = TurnStats()
-        for item in self._run(messages, stop, **kwargs):
-            if isinstance(item, TurnStats):
-                stats = item
-            else:
-                parts.append(item)
-        usage, response = self._result_metadata(stats)
+        chunks = list(self._stream(messages, stop, run_manager, **kwargs))
+        full = chunks[0].message
+        for chunk in chunks[1:]:
+            full += chunk.message
         message = AIMessage(
-            content="".join(parts), usage_metadata=usage, response_metadata=response
+            content=full.content,
+            usage_metadata=full.usage_metadata,
+            response_metadata=full.response_metadata,
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -601,21 +461,16 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for item in self._run(messages, stop, **kwargs):
-            if isinstance(item, TurnStats):
-                usage, response = self._result_metadata(item)
-                chunk = AIMessageChunk(
-                    content="",
-                    usage_metadata=usage,
-                    response_metadata=response,
-                    chunk_position="last",
-                )
-                yield ChatGenerationChunk(message=chunk)
-                return
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
+        for text in self._run(messages, stop, kwargs):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
             if run_manager:
-                run_manager.on_llm_new_token(item, chunk=chunk)
+                run_manager.on_llm_new_token(text, chunk=chunk)
             yield chunk
+        usage, response = self._result_metadata(self._last_stats or TurnStats())
+        last = AIMessageChunk(
+            content="", usage_metadata=usage, response_metadata=response, chunk_position="last"
+        )
+        yield ChatGenerationChunk(message=last)
 
 
-__all__ = ["MAX_DEFAULT_CTX", "ChatLlamaCpp", "HumanMessage", "TurnStats"]
+__all__ = ["MAX_DEFAULT_CTX", "ChatLlamaCpp", "TurnStats"]

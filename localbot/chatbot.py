@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -183,13 +182,18 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     def with_settings(
         self, system_prompt: str | None, variables: Mapping[str, Any] | None = None
     ) -> Chatbot:
-        """The same chatbot (model, store, caches) with another system prompt and variables:
+        """The same chatbot (model, store, KV caches) with another system prompt and variables:
         what a session's own settings give (``/switch``, ``/system``)."""
-        other = copy.copy(self)
-        other.system_prompt = system_prompt
-        other.prompt = make_prompt(system_prompt)
-        other.variables = dict(variables or {})
-        other._turn_costs = None
+        other = Chatbot(
+            self.model,
+            self.store,
+            system_prompt,
+            variables=variables,
+            trim_watermark=self.trim_watermark,
+            kv_cache=False,
+        )
+        other.kv = self.kv  # one model memory, one record of what it holds
+        other.last_turn = self.last_turn
         return other
 
     # -------------------------------------------------------------- one turn

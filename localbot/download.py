@@ -213,10 +213,13 @@ class _Remote:
     """sha256 for LFS files (every GGUF); the git blob sha1 for small files kept in git."""
 
 
-def _resolve(spec: ModelSpec, models_dir: Path) -> _Remote:
-    """HEAD the file on the Hub: the commit ``spec.revision`` points at, size, hash, URL."""
+def _hub_failure(
+    e: Exception, spec: ModelSpec, models_dir: Path, url: str | None
+) -> LocalbotError | None:
+    """The one-line error for what the Hub (or the network) answered, or None when ``e`` is not
+    a Hub failure (a bug: let it through)."""
     import httpx2
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -226,38 +229,52 @@ def _resolve(spec: ModelSpec, models_dir: Path) -> _Remote:
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    where = f"{spec.repo} at revision {spec.revision!r}"
+    if isinstance(e, HFValidationError):  # parse_spec checks the same rules; this is the backstop
+        return ConfigError(f"Not a valid Hub request: {_one_line(e)}")
+    if isinstance(e, (OfflineModeIsEnabled, httpx2.TransportError)):
+        reason = f"cannot reach {constants.ENDPOINT}: {_one_line(e)}"
+        return DownloadError(_offline(spec, models_dir, reason))
+    if isinstance(e, GatedRepoError):
+        return DownloadError(
+            f"{spec.repo} is gated: accept its terms on {constants.ENDPOINT}/{spec.repo} while "
+            "logged in, then set HF_TOKEN (or run `hf auth login`) and try again"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return DownloadError(
+            f"Repository {spec.repo} not found on {constants.ENDPOINT} (check the name; a "
+            "private repo needs HF_TOKEN)"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return DownloadError(f"Revision {spec.revision!r} not found in {spec.repo}")
+    if isinstance(e, RemoteEntryNotFoundError):
+        return DownloadError(f"{spec.file} is not in {where}{_other_ggufs(spec)}")
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            return DownloadError(
+                f"The Hub refused access to {spec.repo} (HTTP {status}): check HF_TOKEN"
+            )
+        return DownloadError(f"The Hub answered HTTP {status} for {url}; try again later")
+    return None
+
+
+def _resolve(spec: ModelSpec, models_dir: Path) -> _Remote:
+    """HEAD the file on the Hub: the commit ``spec.revision`` points at, size, hash, URL."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     where = f"{spec.repo} at revision {spec.revision!r}"
+    url = None
     try:
         url = hf_hub_url(spec.repo, spec.file, revision=spec.revision)
         meta = get_hf_file_metadata(url)
-    except HFValidationError as e:  # parse_spec checks the same rules; this is the backstop
-        raise ConfigError(f"Not a valid Hub request: {_one_line(e)}") from e
-    except (OfflineModeIsEnabled, httpx2.TransportError) as e:
-        reason = f"cannot reach {constants.ENDPOINT}: {_one_line(e)}"
-        raise DownloadError(_offline(spec, models_dir, reason)) from e
-    except GatedRepoError as e:
-        raise DownloadError(
-            f"{spec.repo} is gated: accept its terms on {constants.ENDPOINT}/{spec.repo} while "
-            "logged in, then set HF_TOKEN (or run `hf auth login`) and try again"
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise DownloadError(
-            f"Repository {spec.repo} not found on {constants.ENDPOINT} (check the name; a "
-            "private repo needs HF_TOKEN)"
-        ) from e
-    except RevisionNotFoundError as e:
-        raise DownloadError(f"Revision {spec.revision!r} not found in {spec.repo}") from e
-    except RemoteEntryNotFoundError as e:
-        raise DownloadError(f"{spec.file} is not in {where}{_other_ggufs(spec)}") from e
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status in (401, 403):
-            raise DownloadError(
-                f"The Hub refused access to {spec.repo} (HTTP {status}): check HF_TOKEN"
-            ) from e
-        raise DownloadError(f"The Hub answered HTTP {status} for {url}; try again later") from e
+    except Exception as e:
+        failure = _hub_failure(e, spec, models_dir, url)
+        if failure is None:
+            raise
+        raise failure from e
 
     if not meta.commit_hash:
         raise DownloadError(

@@ -37,10 +37,11 @@ those. Extending such a state is fine, but trimming it back further than the win
 leave attention reading a window with holes (silently different output; llama.cpp's server
 re-reads the whole prompt in that case). ``restore_state`` applies the server's test
 (``pos_min <= usable - n_swa``) and refuses a restore that fails it. A warm process has the same
-hazard (``Llama.generate`` does not check): :func:`drop_unsafe_cache` is the same test for a model
-about to generate. With ``swa_full=True`` (the default) every position is kept and any prefix can
-be reused; the bit-for-bit claim above is tested there (with ``swa_full=False`` the restored cells
-may sit in another order than in the saver's ring buffer, so sums can round differently).
+hazard (``Llama.generate`` does not check): ``llama_cache.drop_unsafe_cache`` is the same test
+for a model about to generate. With ``swa_full=True`` (the default) every position is kept and any
+prefix can be reused; the bit-for-bit claim above is tested there (with ``swa_full=False`` the
+restored cells may sit in another order than in the saver's ring buffer, so sums can round
+differently).
 Recurrent and hybrid models cannot be trimmed at all: their state is restored only when the prompt
 extends every saved token.
 
@@ -71,6 +72,15 @@ from localbot.atomic import (
     read_file,
     write_atomic,
 )
+from localbot.llama_cache import (
+    clear,
+    common_prefix,
+    context_handle,
+    mark_logits_stale,
+    reusable_tokens,
+    usable,
+    window_problem,
+)
 from localbot.paths import KV_META_FILE, KV_STATE_FILE, SIDECAR_ROOT
 
 if TYPE_CHECKING:
@@ -80,7 +90,6 @@ log = logging.getLogger("localbot.kv_state")
 
 __all__ = [
     "DEFAULT_MAX_TOTAL_BYTES",
-    "drop_unsafe_cache",
     "meta_path",
     "prune_states",
     "remove_state",
@@ -217,30 +226,6 @@ def _tokens_sha256(tokens: Sequence[int]) -> str:
     return _sha256_hex(json.dumps(list(tokens), separators=(",", ":")).encode())
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _usable(common: int, prompt_len: int) -> int:
-    """Tokens ``Llama.generate`` keeps of a cache sharing ``common`` tokens with the prompt: a
-    fully cached prompt still has its last token re-evaluated to produce fresh logits."""
-    return common if common < prompt_len else max(prompt_len - 1, 0)
-
-
-def reusable_tokens(llama: Any, prompt_ids: Sequence[int]) -> int:
-    """How many of ``prompt_ids`` ``Llama.generate`` will take from ``llama``'s KV cache."""
-    prompt = list(prompt_ids)
-    return _usable(_common_prefix(llama._input_ids.tolist(), prompt), len(prompt))
-
-
-# --------------------------------------------------------------------------- save
-
-
 def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
     """Save the loaded model's evaluated tokens and KV cache to ``path`` (``kvstate``) and its
     metadata to ``kvstate.meta`` next to it (the folder is created); return the bytes written, or
@@ -249,24 +234,23 @@ def save_state(model: ChatLlamaCpp, path: Path | str) -> int | None:
 
     Both files are replaced atomically (temp file, fsync, rename); a temp file an interrupted
     save leaves is removed by ``localbot.atomic.remove_own_temps`` (at exit, or from a signal
-    handler), or by the next save or prune once it is a minute old. Takes ``model._run_lock``:
-    do not call it from inside a generation on the same thread.
+    handler), or by the next save or prune once it is a minute old. Holds the model
+    (``model.exclusive()``): do not call it from inside a generation on the same thread.
     """
     import llama_cpp
 
     path = Path(path)
-    llama = model._llama
-    if llama is None:
-        return None
     start = time.perf_counter()
     tmp: str | None = None
     try:
-        _prepare_folder(path)
-        with model._run_lock:
+        with model.exclusive(load=False) as llama:
+            if llama is None:
+                return None
+            _prepare_folder(path)
             n = int(llama.n_tokens)
             if n <= 0:
                 return None
-            ctx = llama._ctx.ctx
+            ctx = context_handle(llama)
             memory = llama_cpp.llama_get_memory(ctx)
             if memory is not None:
                 pos_max = llama_cpp.llama_memory_seq_pos_max(memory, 0)
@@ -417,66 +401,12 @@ def _fd_path(fd: int, path: Path) -> str:
     return proc if os.path.exists(proc) else str(path)
 
 
-def _window_problem(llama: Any, usable: int) -> str | None:
-    """Why reusing the first ``usable`` cached tokens would be wrong, or None when it is safe.
-
-    With ``swa_full`` off, llama.cpp keeps only the latest ``n_swa + n_ubatch`` positions of the
-    sliding-window layers. The first token evaluated after the reused prefix attends to the
-    ``n_swa`` positions before it; if some of those are gone its attention silently reads a
-    window with holes. This is llama.cpp server's test (``pos_min > max(0, n_past - n_swa)``
-    forces a full re-read there).
-    """
-    import llama_cpp
-
-    if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
-        # No window: a recurrent state is all or nothing (seq_rm refuses a partial trim and
-        # Llama.generate then re-reads; restore_state only restores a state the prompt extends).
-        return None
-    memory = llama_cpp.llama_get_memory(llama._ctx.ctx)
-    if memory is None or usable <= 0:
-        return None
-    pos_min = llama_cpp.llama_memory_seq_pos_min(memory, 0)
-    n_swa = int(llama_cpp.llama_model_n_swa(llama._model.model))
-    threshold = max(0, usable - n_swa) if n_swa > 0 else 0
-    if pos_min < 0 or pos_min > threshold:
-        return (
-            f"the cache keeps positions from {pos_min} only (sliding window {n_swa}, swa_full "
-            f"off): reusing {usable} tokens needs them from {threshold}"
-        )
-    return None
-
-
-def drop_unsafe_cache(llama: Any, prompt_ids: Sequence[int]) -> bool:
-    """Forget ``llama``'s cached tokens when ``Llama.generate`` would reuse them wrongly for
-    ``prompt_ids`` (see :func:`_window_problem`: only with ``swa_full`` off, when the prompt
-    diverges from the cache further back than the sliding window reaches); the prompt is then
-    read in full. Call with the model's run lock held, right before ``generate``. Returns
-    whether the cache was dropped."""
-    if llama.n_tokens <= 0:
-        return False
-    usable = reusable_tokens(llama, prompt_ids)
-    problem = _window_problem(llama, usable)
-    if problem is None:
-        return False
-    log.debug("not reusing the KV cache: %s", problem)
-    _clear(llama)
-    return True
-
-
-def _clear(llama: Any) -> None:
-    """Forget any partially loaded state: no tokens recorded, KV memory empty."""
-    with contextlib.suppress(Exception):
-        llama.reset()
-    with contextlib.suppress(Exception):
-        llama._ctx.kv_cache_clear()
-
-
 def restore_state(model: ChatLlamaCpp, path: Path | str, prompt_ids: Sequence[int]) -> int:
     """Load the state saved at ``path`` into ``model`` when it is valid for it and useful for the
     prompt ``prompt_ids``; return the number of prompt tokens the next generation will not have
     to evaluate (0 when nothing was restored). Never raises for a bad or foreign state file.
 
-    Loads the model if needed. Takes ``model._run_lock``.
+    Loads the model if needed; holds it (``model.exclusive()``) while loading the state.
     """
     path = Path(path)
     prompt = [int(t) for t in prompt_ids]
@@ -486,29 +416,28 @@ def restore_state(model: ChatLlamaCpp, path: Path | str, prompt_ids: Sequence[in
         log.debug("not restoring KV state %s: %s", path, why)
         return 0
     saved: list[int] = meta["tokens"]
-    usable = _usable(_common_prefix(saved, prompt), len(prompt))
-    if usable <= 0:
+    wanted = usable(common_prefix(saved, prompt), len(prompt))
+    if wanted <= 0:
         log.debug("not restoring KV state %s: it shares no prefix with the prompt", path)
         return 0
-    llama = model.load()
-    with model._run_lock:
+    with model.exclusive() as llama:
         in_memory = reusable_tokens(llama, prompt)
-        if in_memory >= usable:
+        if in_memory >= wanted:
             log.debug(
                 "not restoring KV state %s: the model already holds %d usable tokens (saved: %d)",
                 path,
                 in_memory,
-                usable,
+                wanted,
             )
             return 0
         try:
-            return _restore(model, llama, path, meta, prompt, usable)
+            return _restore(model, llama, path, meta, prompt, wanted)
         except _Rejected as why:
             log.debug("not restoring KV state %s: %s", path, why)
             return 0
         except Exception:
             log.debug("not restoring KV state %s: unexpected error", path, exc_info=True)
-            _clear(llama)
+            clear(llama)
             return 0
 
 
@@ -518,7 +447,7 @@ def _restore(
     path: Path,
     meta: dict[str, Any],
     prompt: list[int],
-    usable: int,
+    wanted: int,
 ) -> int:
     import llama_cpp
 
@@ -531,7 +460,7 @@ def _restore(
     if any(t >= n_vocab for t in saved):
         raise _Rejected("it holds token ids outside this model's vocabulary")
     recurrent = getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)
-    if recurrent and not usable == n < len(prompt):
+    if recurrent and not wanted == n < len(prompt):
         raise _Rejected("recurrent memory cannot be trimmed: the prompt must extend the state")
 
     start = time.perf_counter()
@@ -539,8 +468,8 @@ def _restore(
     verified = time.perf_counter()
     try:
         # Past this point llama.cpp overwrites the context: any failure must leave it empty.
-        _clear(llama)
-        ctx = llama._ctx.ctx
+        clear(llama)
+        ctx = context_handle(llama)
         buffer = (llama_cpp.llama_token * n)()
         n_out = ctypes.c_size_t(0)
         ok = llama_cpp.llama_state_load_file(
@@ -558,24 +487,24 @@ def _restore(
             pos_max = llama_cpp.llama_memory_seq_pos_max(memory, 0)
             if pos_max != n - 1:
                 raise _Rejected(f"the loaded KV cache ends at {pos_max}, expected {n - 1}")
-        problem = _window_problem(llama, usable)
+        problem = window_problem(llama, wanted)
         if problem:
             raise _Rejected(problem)
     except BaseException:
-        _clear(llama)
+        clear(llama)
         raise
     llama.input_ids[:n] = saved
     llama.n_tokens = n
-    llama._requires_eval = True  # logits are stale: generate re-evaluates at least one token
+    mark_logits_stale(llama)
     log.debug(
         "restored %d tokens of KV state from %s (%d usable; verify %.3f s, load %.3f s)",
         n,
         path,
-        usable,
+        wanted,
         verified - start,
         time.perf_counter() - verified,
     )
-    return usable
+    return wanted
 
 
 # --------------------------------------------------------------------------- cleanup

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from localbot.llama_cache import vocab_handle
 from localbot.templates import Piece
 
 # llama.cpp's llama_token_attr bits (llama.h).
@@ -83,7 +84,7 @@ def special_tokens(tokenizer: Any, path: str) -> SpecialTokens:
 def _scan(tokenizer: Any) -> SpecialTokens:
     import llama_cpp
 
-    vocab = tokenizer._model.vocab
+    vocab = vocab_handle(tokenizer)
     get_attr = llama_cpp.llama_vocab_get_attr
     cut: list[str] = []
     control: list[str] = []

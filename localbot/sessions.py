@@ -270,7 +270,8 @@ class SessionStore:
 
     # -- used by SessionHistory -------------------------------------------------------------------
 
-    def _write(self, path: Path, entries: list[dict]) -> None:
+    def write_entries(self, path: Path, entries: list[dict]) -> None:
+        """Replace a session file with ``entries`` (hold the session's lock: ``locked``)."""
         data = encode_session(entries)
         remove_stale_temps(self.root, path.name)
         write_atomic(path, data)
@@ -390,7 +391,7 @@ class SessionHistory(BaseChatMessageHistory):
             return
         with self.store.locked(self.session_id):
             path = self._checked_path()
-            self.store._write(path, read_session(path)[0] + new)
+            self.store.write_entries(path, read_session(path)[0] + new)
 
     def add_message(self, message: BaseMessage) -> None:
         self.add_messages([message])
@@ -401,7 +402,7 @@ class SessionHistory(BaseChatMessageHistory):
         with self.store.locked(self.session_id):
             path = self._checked_path()
             read_session(path)  # refuse to write over a file we cannot read: it may be user data
-            self.store._write(path, new)
+            self.store.write_entries(path, new)
 
     def clear(self) -> None:
         """Leave the session in place with no messages."""

@@ -18,83 +18,23 @@ Three rules shape this module:
   gets consecutive same-role messages merged; an empty message list is never rendered (most
   templates read ``messages[0]``); rendering is bounded in time and size.
 
-Files without a template get a built-in one chosen from ``general.architecture`` (and the
-vocabulary, for the ambiguous ``llama``).
+Which template a model gets (its own, a built-in, ``chat_format``) is ``localbot.template_choice``;
+the built-ins are in ``localbot.builtin_templates``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from localbot.builtin_templates import BUILTIN_TEMPLATES, NO_SYSTEM_ROLE
 from localbot.errors import ConfigError, TemplateError
 from localbot.template_sandbox import TemplateLimitError, compile_template, render
 
 log = logging.getLogger(__name__)
-
-# Built-in templates, in the shape of the publishers' own. None renders BOS itself: the tokenizer
-# adds it when the model's metadata asks for it (see ChatLlamaCpp.prompt_ids).
-BUILTIN_TEMPLATES: dict[str, str] = {
-    "gemma": (
-        "{% for m in messages %}"
-        "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-        "{{ '<start_of_turn>' + role + '\\n' + m['content'] + '<end_of_turn>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{% for m in messages %}"
-        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content']"
-        " + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
-    "chatml": (
-        "{% for m in messages %}"
-        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "mistral": (
-        "{% for m in messages %}"
-        "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] + '</s>' }}{% endif %}"
-        "{% endfor %}"
-    ),
-    "phi3": (
-        "{% for m in messages %}"
-        "{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-    ),
-}
-
-# Built-ins without a system role: the system text is merged into the first user turn.
-_NO_SYSTEM_ROLE = {"gemma", "mistral"}
-
-_ARCHITECTURES = {
-    "gemma": "gemma",
-    "gemma2": "gemma",
-    "gemma3": "gemma",
-    "gemma3n": "gemma",
-    "qwen": "chatml",
-    "qwen2": "chatml",
-    "qwen2moe": "chatml",
-    "qwen3": "chatml",
-    "qwen3moe": "chatml",
-    "qwen2vl": "chatml",
-    "internlm2": "chatml",
-    "phi3": "phi3",
-    "mistral": "mistral",
-    "mistral3": "mistral",
-}
-
-# The ``llama`` architecture covers Llama 2/3, Mistral and SmolLM: the vocabulary tells them apart.
-_VOCAB_MARKERS = (("<|eot_id|>", "llama3"), ("<|im_start|>", "chatml"), ("[INST]", "mistral"))
 
 MARK_START = "\ufdd0"
 MARK_END = "\ufdd1"
@@ -128,16 +68,6 @@ class Piece:
     plain: bool = False
 
 
-def choose_builtin(architecture: str, has_token: Callable[[str], bool]) -> str:
-    """Name of the built-in template for a model without one (``has_token`` probes the vocab)."""
-    if architecture in _ARCHITECTURES:
-        return _ARCHITECTURES[architecture]
-    for marker, name in _VOCAB_MARKERS:
-        if has_token(marker):
-            return name
-    return "chatml"
-
-
 class ChatTemplate:
     """A Jinja chat template, compiled once, that renders message lists into ``Piece`` lists.
 
@@ -166,7 +96,7 @@ class ChatTemplate:
                 "message text; use another template (--chat-format)"
             )
         self._template = self._compile()
-        self.supports_system = name not in _NO_SYSTEM_ROLE and self._probe_system_role()
+        self.supports_system = name not in NO_SYSTEM_ROLE and self._probe_system_role()
 
     @classmethod
     def builtin(

@@ -234,20 +234,11 @@ class GenTrace:
 
 
 def reusable_prefix(llama: Any, tokens: Sequence[int]) -> int:
-    """How many of ``tokens`` ``Llama.generate`` will keep from the KV cache (its own rule)."""
-    n = int(llama.n_tokens)
-    if n <= 0:
-        return 0
-    common = 0
-    for a, b in zip(llama.input_ids[:n].tolist(), tokens, strict=False):
-        if a != b:
-            break
-        common += 1
-    if common < len(tokens):
-        return common
-    if n == len(tokens) and not llama._requires_eval:
-        return len(tokens)
-    return len(tokens) - 1
+    """How many of ``tokens`` ``Llama.generate`` will keep from the KV cache (its own rule, kept
+    once in localbot.llama_cache)."""
+    from localbot.llama_cache import reusable_tokens
+
+    return reusable_tokens(llama, tokens)
 
 
 class GenerateProbe:

@@ -13,8 +13,8 @@ from langchain_core.messages.utils import trim_messages
 from langchain_core.prompts import ChatPromptTemplate
 
 from localbot import ChatLlamaCpp
+from localbot.builtin_templates import BUILTIN_TEMPLATES
 from localbot.errors import ContextOverflowError, ModelFileError, ModelLoadError
-from localbot.templates import BUILTIN_TEMPLATES
 
 LONG = " ".join(f"word{i}" for i in range(300))
 

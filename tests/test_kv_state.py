@@ -22,15 +22,15 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, mess
 
 import localbot.kv_state as kv_state
 from localbot import ChatLlamaCpp
+from localbot.builtin_templates import BUILTIN_TEMPLATES
 from localbot.kv_state import (
-    drop_unsafe_cache,
     meta_path,
     prune_states,
     remove_state,
     restore_state,
     save_state,
 )
-from localbot.templates import BUILTIN_TEMPLATES
+from localbot.llama_cache import common_prefix, drop_unsafe_cache
 
 N_CTX = 2048
 HELPER = Path(__file__).parent / "helpers" / "kv_resume.py"
@@ -58,7 +58,7 @@ def _model(path: Path, **kwargs) -> ChatLlamaCpp:
 
 
 def _common(a, b) -> int:
-    return kv_state._common_prefix(list(a), list(b))
+    return common_prefix(list(a), list(b))
 
 
 # --------------------------------------------------------------------------- restore == warm

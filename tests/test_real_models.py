@@ -114,6 +114,7 @@ def test_invoke_and_stream_agree_on_smollm2(smol_model_path) -> None:
 def test_a_restarted_smollm2_session_resumes_from_its_saved_cache(smol_model_path, tmp_path):
     """KV state across processes on the instruct model: the resumed turn reads only its new
     message and the reply equals the warm process's (greedy)."""
+
     def bot_for(store_dir: Path):
         model = ChatLlamaCpp(
             model_path=str(smol_model_path), n_ctx=2048, temperature=0, max_tokens=16

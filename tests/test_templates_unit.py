@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
+from localbot.builtin_templates import BUILTIN_TEMPLATES
 from localbot.errors import TemplateError
 from localbot.prompt_tokens import SpecialTokens, _trie_pattern, encode
+from localbot.template_choice import choose_builtin
 from localbot.templates import (
-    BUILTIN_TEMPLATES,
     MARK_START,
     ChatTemplate,
     Piece,
-    choose_builtin,
     max_chars_for_context,
     merge_consecutive,
     merge_system,

@@ -1,0 +1,125 @@
+"""How much of a ``llama_cpp.Llama``'s KV cache a prompt can reuse, and when reusing it would be
+wrong. The one place these rules live: the chat model applies them before generating, the KV-state
+restore before loading a saved state, and the benchmark to count reused tokens.
+
+It is also the one place that reaches into llama-cpp-python's private attributes (the context and
+model handles, the evaluated-token buffer): its public API has no accessor for them.
+
+Sliding-window attention (Gemma 2/3 and others): with ``swa_full=False`` llama.cpp keeps only the
+last ``n_swa + n_ubatch`` positions of the sliding-window layers. Trimming a cache back further
+than the window reaches would leave attention reading a window with holes (silently different
+output; llama.cpp's server re-reads the whole prompt in that case). With ``swa_full=True`` (the
+default) every position is kept and any prefix can be reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("localbot.kv_state")
+
+
+def context_handle(llama: Any) -> Any:
+    """The ``llama_context *`` of ``llama`` (for llama.cpp's C API)."""
+    return llama._ctx.ctx
+
+
+def model_handle(llama: Any) -> Any:
+    """The ``llama_model *`` of ``llama``."""
+    return llama._model.model
+
+
+def vocab_handle(llama: Any) -> Any:
+    """The ``llama_vocab *`` of ``llama``."""
+    return llama._model.vocab
+
+
+def cached_tokens(llama: Any) -> list[int]:
+    """The tokens ``llama``'s KV cache holds, in order."""
+    return llama._input_ids.tolist()
+
+
+def mark_logits_stale(llama: Any) -> None:
+    """After loading a state: ``generate`` must re-evaluate at least one token for logits."""
+    llama._requires_eval = True
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def usable(common: int, prompt_len: int) -> int:
+    """Tokens ``Llama.generate`` keeps of a cache sharing ``common`` tokens with the prompt: a
+    fully cached prompt still has its last token re-evaluated to produce fresh logits."""
+    return common if common < prompt_len else max(prompt_len - 1, 0)
+
+
+def reusable_tokens(llama: Any, prompt_ids: Sequence[int]) -> int:
+    """How many of ``prompt_ids`` ``Llama.generate`` will take from ``llama``'s KV cache: its own
+    rule (llama-cpp-python 0.3.36), including the exact hit whose logits are still live."""
+    prompt = list(prompt_ids)
+    if llama.n_tokens <= 0:
+        return 0
+    common = common_prefix(cached_tokens(llama), prompt)
+    live_logits = not llama._requires_eval
+    if common == len(prompt) == llama.n_tokens and live_logits:
+        return len(prompt)
+    return usable(common, len(prompt))
+
+
+def window_problem(llama: Any, reused: int) -> str | None:
+    """Why reusing the first ``reused`` cached tokens would be wrong, or None when it is safe.
+
+    The first token evaluated after the reused prefix attends to the ``n_swa`` positions before
+    it; if some of those are gone (``swa_full`` off) its attention reads a window with holes.
+    This is llama.cpp server's test (``pos_min > max(0, n_past - n_swa)`` forces a re-read).
+    """
+    import llama_cpp
+
+    if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
+        # No window: a recurrent state is all or nothing (seq_rm refuses a partial trim and
+        # Llama.generate then re-reads; restore_state only restores a state the prompt extends).
+        return None
+    memory = llama_cpp.llama_get_memory(context_handle(llama))
+    if memory is None or reused <= 0:
+        return None
+    pos_min = llama_cpp.llama_memory_seq_pos_min(memory, 0)
+    n_swa = int(llama_cpp.llama_model_n_swa(model_handle(llama)))
+    threshold = max(0, reused - n_swa) if n_swa > 0 else 0
+    if pos_min < 0 or pos_min > threshold:
+        return (
+            f"the cache keeps positions from {pos_min} only (sliding window {n_swa}, swa_full "
+            f"off): reusing {reused} tokens needs them from {threshold}"
+        )
+    return None
+
+
+def drop_unsafe_cache(llama: Any, prompt_ids: Sequence[int]) -> bool:
+    """Forget ``llama``'s cached tokens when ``Llama.generate`` would reuse them wrongly for
+    ``prompt_ids`` (see :func:`window_problem`); the prompt is then read in full. Call with the
+    model's lock held, right before ``generate``. Returns whether the cache was dropped."""
+    if llama.n_tokens <= 0:
+        return False
+    problem = window_problem(llama, reusable_tokens(llama, prompt_ids))
+    if problem is None:
+        return False
+    log.debug("not reusing the KV cache: %s", problem)
+    clear(llama)
+    return True
+
+
+def clear(llama: Any) -> None:
+    """Forget any partially loaded state: no tokens recorded, KV memory empty."""
+    with contextlib.suppress(Exception):
+        llama.reset()
+    with contextlib.suppress(Exception):
+        llama._ctx.kv_cache_clear()
