@@ -23,15 +23,11 @@ interrupted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import (
     ensure_config,
@@ -43,33 +39,12 @@ from localbot.chat_model import ChatLlamaCpp
 from localbot.errors import ConfigError, MissingVariableError
 from localbot.kv_sessions import SessionKvCache
 from localbot.sessions import SessionHistory, SessionStore
+from localbot.system_prompt import make_prompt
 from localbot.trimming import DEFAULT_WATERMARK, TrimPlan, plan_trim
+from localbot.turn_timings import Clock, TurnTimings
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_SESSION = "default"
-
-_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
-
-
-def escape_system_prompt(text: str) -> str:
-    """Make ``text`` a safe f-string template: ``{name}`` stays a variable, ``{{``/``}}`` stay
-    literal braces, and every other brace (JSON, code) is literal too."""
-
-    def repl(match: re.Match[str]) -> str:
-        if match.group(1):
-            return match.group(0)
-        token = match.group(0)
-        return {"{{": "{{", "}}": "}}", "{": "{{", "}": "}}"}[token]
-
-    return _FIELD.sub(repl, text)
-
-
-def make_prompt(system_prompt: str | None) -> ChatPromptTemplate:
-    parts: list[Any] = []
-    if system_prompt:
-        parts.append(("system", escape_system_prompt(system_prompt)))
-    parts.append(MessagesPlaceholder("messages"))
-    return ChatPromptTemplate.from_messages(parts)
 
 
 def _as_messages(value: Any) -> list[BaseMessage]:
@@ -104,51 +79,6 @@ class _TurnCosts:
         if message.type == "ai":
             return self.ai
         return max(self.human, self.ai)
-
-
-@dataclass
-class TurnTimings:
-    """Where the time of the last turn went, in seconds (for ``/stats`` and the benchmarks)."""
-
-    read_session: float = 0.0
-    plan: float = 0.0
-    prompt: float = 0.0
-    save_human: float = 0.0
-    restore_kv: float = 0.0
-    model: float = 0.0
-    """From asking the model to its last chunk: llama.cpp's work plus the adapter's."""
-    save_reply: float = 0.0
-    total: float = 0.0
-    restored_tokens: int = 0
-    trim_start: int = 0
-    """Index of the first history message the prompt kept."""
-
-    @property
-    def own_seconds(self) -> float:
-        """localbot's own time: everything outside the model call."""
-        return self.total - self.model
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "own_seconds": self.own_seconds}
-
-
-class _Clock:
-    """Times the steps of one turn into a TurnTimings."""
-
-    def __init__(self, timings: TurnTimings) -> None:
-        self.timings = timings
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self.timings, name, getattr(self.timings, name) + time.perf_counter() - began)
-
-    def stop(self) -> None:
-        self.timings.total = time.perf_counter() - self.start
 
 
 class Chatbot(Runnable[dict[str, Any], BaseMessage]):
@@ -212,7 +142,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             None, dict(input), name=self.get_name(), run_id=config.pop("run_id", None)
         )
         self.last_turn = timings = TurnTimings()
-        clock = _Clock(timings)
+        clock = Clock(timings)
         history: SessionHistory | None = None
         saved_human = False
         chunks: list[AIMessageChunk] = []

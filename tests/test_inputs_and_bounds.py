@@ -14,8 +14,8 @@ import pytest
 from test_cli import assert_one_line_error, run
 
 from localbot.bundled import assemble_atomically
-from localbot.cli import MAX_STDIN_BYTES, read_stdin
 from localbot.errors import ConfigError, MissingVariableError
+from localbot.one_shot import MAX_STDIN_BYTES, read_stdin
 from localbot.settings import MAX_THREADS
 
 

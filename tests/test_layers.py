@@ -13,7 +13,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "localbot"
 # Bottom to top. A module may import from its own layer or lower ones.
 LAYERS: list[set[str]] = [
     # 0. primitives: no localbot imports but these
-    {"errors", "paths", "atomic", "builtin_templates", "catalogue", "llama_cache", "reply_view"},
+    {
+        "errors",
+        "paths",
+        "atomic",
+        "builtin_templates",
+        "catalogue",
+        "llama_cache",
+        "reply_view",
+        "system_prompt",
+        "turn_timings",
+    },
     # 1. one job each, over the primitives
     {
         "gguf_file",
@@ -24,6 +34,7 @@ LAYERS: list[set[str]] = [
         "settings",
         "session_file",
         "bundled",
+        "one_shot",
     },
     # 2. templates, the session store, the model manifest
     {"templates", "prompt_tokens", "template_choice", "sessions", "manifest"},
