@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from langchain_core.messages import BaseMessage
@@ -33,6 +34,9 @@ class SessionKvCache:
         self.store = store
         self.budget_bytes = budget_bytes
         """Disk budget for all sessions' saved states together (oldest pruned first)."""
+        self.last_save: tuple[float, int] | None = None
+        """(seconds, bytes) of the most recent background save that wrote a state, None while
+        one runs or when it wrote nothing: for ``/stats`` and the benchmark (after ``wait()``)."""
         self._saves: list[threading.Thread] = []
         self._live: str | None = None
 
@@ -53,10 +57,14 @@ class SessionKvCache:
         """After a complete turn: save the state while the user reads and types (~18 KB per
         token). A save that fails costs speed next time, never data."""
         path = self.store.kv_state_path(session_id)
+        self.last_save = None
 
         def save() -> None:
             try:
-                kv_state.save_state(self.model, path)
+                start = time.perf_counter()
+                written = kv_state.save_state(self.model, path)
+                if written is not None:
+                    self.last_save = (time.perf_counter() - start, written)
                 kv_state.prune_states(self.store.root, self.budget_bytes)
             except Exception:
                 log.debug("could not save KV state to %s", path, exc_info=True)

