@@ -120,6 +120,7 @@ def test_chat_stream_stop_reload_sessions_and_the_cli_resumes(page, server, smol
     shown = page.locator(".msg.assistant").first.text_content()
     # (paragraphs rendered from Markdown lose the blank lines between them in textContent)
     assert "".join(shown.removesuffix("interrupted").split()) == "".join(saved[1].content.split())
+    page.screenshot(path=str(ARTIFACTS / "browser-after-reload.png"))
     meter = page.text_content("#meter-text")
     assert "2 messages" in meter
     assert "prompt tokens" in meter

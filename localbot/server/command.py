@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m localbot serve",
         description="Serve the model: an OpenAI-compatible API under /v1 and a chat page at /, "
         "on the same sessions as the terminal chat. Loopback only unless --api-key is given. "
-        "--system and --var are the defaults of sessions that have no settings of their own; "
-        "--session is the one the page opens first.",
+        "--system and --var are the defaults of sessions that have no settings of their own "
+        "(and, as in the chat, are saved with the --session one, which the page opens first).",
         epilog="exit codes: 0 stopped (Ctrl-C, SIGTERM); 1 the server extra is not installed; "
         "2 bad settings, --host without --api-key, or the port is taken; 3 model problem; "
         "5 session problem; 6 manifest problem",

@@ -195,6 +195,8 @@ async function loadFigures() {
 function showTokens(t) {
   const meter = $("context-meter");
   meter.max = Math.max(1, t.prompt_budget);
+  meter.low = 0.6 * meter.max; // the trim watermark's neighbourhood: yellow, then red near full
+  meter.high = 0.9 * meter.max;
   meter.value = Math.min(t.prompt_tokens, meter.max);
   let next = "nothing is trimmed";
   if (t.next_turn.error) next = t.next_turn.error;
