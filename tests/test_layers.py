@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
         "bundled",
         "one_shot",
         "manifest_file",
+        "kv_files",
     },
     # 2. templates, the session store, the model manifest
     {"templates", "prompt_tokens", "template_choice", "sessions", "manifest"},
