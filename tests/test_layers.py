@@ -33,6 +33,8 @@ LAYERS: list[set[str]] = [
         "trimming",
         "settings",
         "session_file",
+        "session_history",
+        "session_sidecars",
         "bundled",
         "one_shot",
         "manifest_file",
