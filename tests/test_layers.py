@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {
         "gguf_file",
         "template_sandbox",
+        "template_limits",
         "runtime",
         "generation",
         "trimming",
