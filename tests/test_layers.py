@@ -50,7 +50,7 @@ LAYERS: list[set[str]] = [
     # 5. the chatbot: one turn, top to bottom
     {"chatbot"},
     # 6. front ends
-    {"cli", "repl", "__main__", "server", "download"},
+    {"cli", "repl", "repl_commands", "__main__", "server", "download"},
 ]
 
 
