@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "FileTypeError",
+    "digest_file",
     "exclusive_lock",
     "forget_temp",
     "fsync_directory",
@@ -56,6 +57,9 @@ TEMP_MARKER = ".tmp-"
 STALE_TEMP_AGE_S = 60.0
 """A temp file older than this belongs to a killed writer; a younger one may be a write in
 progress (see :func:`remove_stale_temps`)."""
+
+_CHUNK = 1 << 20
+"""Reads of big files go in pieces of this size."""
 
 _own_temps: set[str] = set()
 
@@ -164,7 +168,7 @@ def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> by
         while left > 0 and (chunk := os.read(fd, min(want, left))):
             chunks.append(chunk)
             left -= len(chunk)
-            want = 1024**2
+            want = _CHUNK
     finally:
         os.close(fd)
     if left <= 0:
@@ -172,7 +176,7 @@ def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> by
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def digest_file(path: Path | str, *digests: Any, chunk_size: int = 1 << 20) -> None:
+def digest_file(path: Path | str, *digests: Any, chunk_size: int = _CHUNK) -> None:
     """Feed the bytes of ``path`` to every ``hashlib`` object in ``digests``, in one pass read in
     chunks (models are GBs)."""
     with open(path, "rb") as f:
@@ -181,7 +185,7 @@ def digest_file(path: Path | str, *digests: Any, chunk_size: int = 1 << 20) -> N
                 digest.update(chunk)
 
 
-def sha256_file(path: Path | str, *, chunk_size: int = 1 << 20) -> str:
+def sha256_file(path: Path | str, *, chunk_size: int = _CHUNK) -> str:
     """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     digest_file(path, digest, chunk_size=chunk_size)

@@ -49,7 +49,7 @@ from localbot.atomic import (
     remove_stale_temps,
     write_atomic,
 )
-from localbot.paths import KV_STATE_FILE, SIDECAR_ROOT
+from localbot.paths import KV_META_SUFFIX, KV_STATE_FILE, SIDECAR_ROOT
 
 # One logger for everything about saved KV states (kv_state's restore decisions included).
 log = logging.getLogger("localbot.kv_state")
@@ -74,7 +74,6 @@ __all__ = [
 
 FORMAT = "localbot-kvstate"
 FORMAT_VERSION = 2  # 2: the state file is trusted by its stat stamp, not a sha256
-META_SUFFIX = ".meta"
 DEFAULT_MAX_TOTAL_BYTES = 2 * 1024**3
 """Default disk budget for all saved states of one session store (see :func:`prune_states`)."""
 
@@ -95,7 +94,7 @@ class Rejected(Exception):
 def meta_path(path: Path | str) -> Path:
     """The metadata file of the state file ``path`` (``kvstate`` -> ``kvstate.meta``)."""
     path = Path(path)
-    return path.with_name(path.name + META_SUFFIX)
+    return path.with_name(path.name + KV_META_SUFFIX)
 
 
 def fd_path(fd: int, path: Path | str) -> str:
