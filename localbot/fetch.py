@@ -187,6 +187,10 @@ def _download(spec: ModelSpec, remote: Remote, target: Path) -> str:
             f"{short_hash(observed)} but the Hub's is {short_hash(remote.digest)}; the download "
             "was deleted and nothing was installed"
         )
+    # The data on disk before the name: after a power cut the manifest must never record a file
+    # whose bytes are not there.
+    with open(part, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(part, target)
     fsync_directory(target.parent)
     return sha256
