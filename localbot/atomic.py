@@ -10,8 +10,11 @@ Temp files this process creates are tracked until they are renamed or removed, s
 :func:`remove_own_temps` (registered with ``atexit``, and meant for signal handlers too) can delete
 what an interrupted write leaves; ones left by a killed process go by :func:`remove_stale_temps`.
 
-Data files are read with :func:`read_file`: opened with ``O_NONBLOCK`` and checked to be regular
-files before a byte is read, so a FIFO or device in their place is an error, never a hang.
+Data files are opened with :func:`open_regular` (``O_NONBLOCK``, then checked to be a regular file
+before a byte is read, so a FIFO or device in their place is an error, never a hang) and read
+whole with :func:`read_file`, or hashed with :func:`sha256_file`.
+
+This module is the one implementation of each of these primitives: everything else imports them.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 try:  # POSIX
     import fcntl
@@ -33,18 +38,28 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "FileTypeError",
+    "digest_file",
     "exclusive_lock",
     "forget_temp",
     "fsync_directory",
     "make_temp",
+    "open_regular",
     "read_file",
     "remove_own_temps",
     "remove_stale_temps",
+    "sha256_file",
     "write_atomic",
 ]
 
 TEMP_MARKER = ".tmp-"
 """Temp files are named ``.<target name>.tmp-<random>``: hidden, and never mistaken for data."""
+
+STALE_TEMP_AGE_S = 60.0
+"""A temp file older than this belongs to a killed writer; a younger one may be a write in
+progress (see :func:`remove_stale_temps`)."""
+
+_CHUNK = 1 << 20
+"""Reads of big files go in pieces of this size."""
 
 _own_temps: set[str] = set()
 
@@ -84,14 +99,19 @@ def remove_own_temps() -> None:
 atexit.register(remove_own_temps)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash at any point leaves old or new, not a mix."""
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any point leaves old or new, not a mix.
+
+    The new file is private (0600) unless ``mode`` says otherwise.
+    """
     tmp = make_temp(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         forget_temp(tmp, remove=True)
@@ -100,14 +120,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
-def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> bytes:
-    """The bytes of the regular file ``path``, without ever blocking on a FIFO or a device.
+def open_regular(path: Path | str, *, follow_symlinks: bool = True) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without ever blocking on a FIFO or a device; return the descriptor
+    (the caller closes it) and its ``fstat``.
 
     Raises ``FileNotFoundError`` when it is missing, :class:`FileTypeError` when it is not a
-    regular file, is a link and ``follow_symlinks`` is false, or holds more than ``max_bytes``;
-    any other ``OSError`` as the system reports it.
+    regular file or is a link and ``follow_symlinks`` is false; any other ``OSError`` (and
+    ``ValueError`` for a NUL in the path) as the system reports it.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     if not follow_symlinks:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -123,6 +144,20 @@ def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> by
         if not stat.S_ISREG(st.st_mode):
             kind = "is not a regular file (a FIFO, socket, device or directory)"
             raise FileTypeError(errno.EINVAL, kind, str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file ``path`` (opened with :func:`open_regular`).
+
+    Raises as :func:`open_regular` does, and :class:`FileTypeError` when the file holds more than
+    ``max_bytes``.
+    """
+    fd, st = open_regular(path, follow_symlinks=follow_symlinks)
+    try:
         if st.st_size > max_bytes:
             raise FileTypeError(
                 errno.EFBIG, f"is larger than {max_bytes:,} bytes ({st.st_size:,})", str(path)
@@ -133,12 +168,28 @@ def read_file(path: Path, *, max_bytes: int, follow_symlinks: bool = True) -> by
         while left > 0 and (chunk := os.read(fd, min(want, left))):
             chunks.append(chunk)
             left -= len(chunk)
-            want = 1024**2
+            want = _CHUNK
     finally:
         os.close(fd)
     if left <= 0:
         raise FileTypeError(errno.EFBIG, f"is larger than {max_bytes:,} bytes", str(path))
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def digest_file(path: Path | str, *digests: Any, chunk_size: int = _CHUNK) -> None:
+    """Feed the bytes of ``path`` to every ``hashlib`` object in ``digests``, in one pass read in
+    chunks (models are GBs)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            for digest in digests:
+                digest.update(chunk)
+
+
+def sha256_file(path: Path | str, *, chunk_size: int = _CHUNK) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    digest_file(path, digest, chunk_size=chunk_size)
+    return digest.hexdigest()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -199,21 +250,23 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def remove_stale_temps(directory: Path, name: str = "", max_age_s: float = 60.0) -> None:
-    """Delete temp files a killed writer left behind (those for ``name``, or all if empty).
+def remove_stale_temps(directory: Path, *names: str, max_age_s: float = STALE_TEMP_AGE_S) -> int:
+    """Delete temp files a killed writer left behind in ``directory``: those of the files
+    ``names``, or every temp file when no name is given. Returns the bytes freed.
 
-    Only files older than ``max_age_s`` go: a younger one may belong to a write in progress.
+    Only files older than ``max_age_s`` go (a younger one may belong to a write in progress);
+    ``max_age_s <= 0`` removes them all (for a caller that holds the lock every writer takes).
     """
+    prefixes = tuple(f".{name}{TEMP_MARKER}" for name in names) or (".",)
     cutoff = time.time() - max_age_s
+    freed = 0
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(directory):
-            if not _is_temp_name(entry.name, name):
+            if not (entry.name.startswith(prefixes) and TEMP_MARKER in entry.name):
                 continue
             with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                st = entry.stat(follow_symlinks=False)
+                if max_age_s <= 0 or st.st_mtime < cutoff:
                     os.unlink(entry.path)
-
-
-def _is_temp_name(entry: str, name: str) -> bool:
-    prefix = f".{name}{TEMP_MARKER}" if name else "."
-    return entry.startswith(prefix) and TEMP_MARKER in entry
+                    freed += st.st_size
+    return freed

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localbot.atomic import FileTypeError, open_regular
 from localbot.errors import ModelFileError, quoted
 
 GGUF_MAGIC = b"GGUF"
@@ -125,10 +125,6 @@ class GGUFInfo:
         value = self.metadata.get(f"{self.architecture}.context_length")
         return int(value) if isinstance(value, int) else None
 
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("general.name") or self.path.stem)
-
 
 def _show(raw: bytes) -> str:
     """A key or tensor name from the file, quoted for a one-line message."""
@@ -210,12 +206,13 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     """
     path = Path(path).expanduser()
     try:
-        # O_NONBLOCK: a FIFO at the path must not hang the open (it is refused below).
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd, info = open_regular(path)  # never blocks on a FIFO; refuses anything not a file
     except FileNotFoundError:
         raise ModelFileError(
             f"model file not found: {path} (give the path to a .gguf file)"
         ) from None
+    except FileTypeError:
+        raise ModelFileError(f"{path} is not a file (give the path to a .gguf file)") from None
     except OSError as err:  # permission denied, a loop of links, a file used as a directory
         raise ModelFileError(
             f"cannot open the model file {path}: {err.strerror or err} "
@@ -224,17 +221,14 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     except ValueError:  # a NUL in the path (only possible from Python)
         raise ModelFileError(f"{quoted(str(path))} is not a usable file path") from None
     try:
-        return _read_open(fd, path)
+        return _read_open(fd, info.st_size, path)
     except OSError as err:  # an I/O error, or a file that cannot be mapped
         raise ModelFileError(f"cannot read the model file {path}: {err.strerror or err}") from None
     finally:
         os.close(fd)
 
 
-def _read_open(fd: int, path: Path) -> GGUFInfo:
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise ModelFileError(f"{path} is not a file (give the path to a .gguf file)")
+def _read_open(fd: int, size: int, path: Path) -> GGUFInfo:
     magic = os.read(fd, 4)  # at offset 0: just opened
     if magic != GGUF_MAGIC:
         raise ModelFileError(
@@ -258,9 +252,9 @@ def _read_open(fd: int, path: Path) -> GGUFInfo:
                 f"the tensor count of {tensor_count:,}", tensor_count * _MIN_TENSOR_BYTES
             )
         data_end = _tensor_data_end(header, tensor_count, alignment)
-    if data_end is not None and data_end > info.st_size:
+    if data_end is not None and data_end > size:
         raise ModelFileError(
-            f"{path} is truncated ({info.st_size:,} bytes, its tensors need {data_end:,}); "
+            f"{path} is truncated ({size:,} bytes, its tensors need {data_end:,}); "
             "download or copy it again"
         )
     return GGUFInfo(path=path, version=version, tensor_count=tensor_count, metadata=metadata)

@@ -1,8 +1,8 @@
 """Per-session llama.cpp state for the chatbot: restore a session's saved KV cache before its turn,
 save it again after the turn in the background, and know which session the model's memory holds.
 
-The file format, the identity checks and the safety rules are ``localbot.kv_state``'s; this class
-only decides *when* (see ``Chatbot.stream``).
+The file format and the safety rules are ``localbot.kv_files``'s, moving a live model's state in
+and out ``localbot.kv_state``'s; this class only decides *when* (see ``Chatbot.stream``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from langchain_core.messages import BaseMessage
 
-from localbot import kv_state
+from localbot import kv_files, kv_state
 from localbot.chat_model import ChatLlamaCpp
 from localbot.sessions import SessionStore
 
@@ -28,7 +28,7 @@ class SessionKvCache:
         self,
         model: ChatLlamaCpp,
         store: SessionStore,
-        budget_bytes: int = kv_state.DEFAULT_MAX_TOTAL_BYTES,
+        budget_bytes: int = kv_files.DEFAULT_MAX_TOTAL_BYTES,
     ) -> None:
         self.model = model
         self.store = store
@@ -65,7 +65,7 @@ class SessionKvCache:
                 written = kv_state.save_state(self.model, path)
                 if written is not None:
                     self.last_save = (time.perf_counter() - start, written)
-                kv_state.prune_states(self.store.root, self.budget_bytes)
+                kv_files.prune_states(self.store.root, self.budget_bytes)
             except Exception:
                 log.debug("could not save KV state to %s", path, exc_info=True)
 
@@ -81,6 +81,6 @@ class SessionKvCache:
     def forget(self, session_id: str) -> None:
         """The session's messages are gone (``/clear``): so is its saved state."""
         self.wait()
-        kv_state.remove_state(self.store.kv_state_path(session_id))
+        kv_files.remove_state(self.store.kv_state_path(session_id))
         if self._live == session_id:
             self._live = None

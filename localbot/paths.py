@@ -24,7 +24,8 @@ from localbot.errors import ConfigError, LocalbotError
 SIDECAR_ROOT = ".sidecars"
 SETTINGS_FILE = "settings.json"
 KV_STATE_FILE = "kvstate"
-KV_META_FILE = "kvstate.meta"
+KV_META_SUFFIX = ".meta"
+KV_META_FILE = KV_STATE_FILE + KV_META_SUFFIX
 
 LEGACY_SIDECARS: dict[str, str] = {
     ".settings": SETTINGS_FILE,

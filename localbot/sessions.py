@@ -2,12 +2,10 @@
 
 Layout (see ``localbot.paths``): ``<root>/<id>.json`` is the history, in LangChain's
 ``FileChatMessageHistory`` format (``localbot.session_file``); ``<root>/.<id>.lock`` is its lock;
-every other file localbot keeps for the session lives in ``<root>/.sidecars/<id>/``. Ids never
-start with ``.``, so listing, renaming and deleting are exact for any valid id: ``a``'s files
-are never ``a.notes``'s. Sidecars kept by an older localbot as ``<root>/<id>.settings``,
-``<id>.kvstate`` and ``<id>.kvstate.meta`` are moved into the folder, one rename each, the first
-time the session's sidecars are used (only when ``<id>.json`` exists, so the owner is certain;
-a file already in the folder wins and the old one is left where it is).
+every other file localbot keeps for the session lives in ``<root>/.sidecars/<id>/``
+(``localbot.session_sidecars``, which also moves an older layout's files there). Ids never start
+with ``.``, so listing, renaming and deleting are exact for any valid id: ``a``'s files are never
+``a.notes``'s. One session's messages, as LangChain sees them, are ``localbot.session_history``.
 
 Durability, because ``FileChatMessageHistory`` tears files on kill -9 and loses messages when two
 processes append (see the field notes):
@@ -30,18 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import re
-import shutil
-import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import BaseMessage, messages_to_dict
 
 from localbot.atomic import (
     FileTypeError,
@@ -51,18 +43,19 @@ from localbot.atomic import (
     write_atomic,
 )
 from localbot.errors import SessionError
-from localbot.paths import (
-    KV_STATE_FILE,
-    LEGACY_SIDECARS,
-    SIDECAR_ROOT,
-    default_sessions_dir,
-    user_path,
-)
+from localbot.paths import KV_STATE_FILE, default_sessions_dir, user_path
 from localbot.session_file import encode_session, read_session, unusable
+from localbot.session_history import SessionHistory
+from localbot.session_sidecars import (
+    checked_sidecar_dir,
+    legacy_sidecars,
+    migrate,
+    remove_folder,
+    sidecar_dir,
+)
 
+# SessionHistory: what ``SessionStore.get`` returns, importable from here as before.
 __all__ = ["SessionHistory", "SessionInfo", "SessionStore", "validate_session_id"]
-
-log = logging.getLogger(__name__)
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -165,9 +158,9 @@ class SessionStore:
         directory: sidecars never lead out of the store.
         """
         sid = validate_session_id(session_id)
-        if self._legacy_sidecars(sid) and os.path.lexists(self.root / f"{sid}.json"):
+        if legacy_sidecars(self.root, sid) and os.path.lexists(self.root / f"{sid}.json"):
             with self.locked(sid):
-                self._migrate(sid)
+                migrate(self.root, sid)
         return self._checked_sidecar_dir(sid)
 
     def sidecar_path(self, session_id: str, name: str) -> Path:
@@ -199,8 +192,8 @@ class SessionStore:
         self._check_rename(old, new)
         with self.locked(old, new):
             src, dst = self.path_for(old), self.path_for(new)
-            self._migrate(old)
-            self._migrate(new)
+            migrate(self.root, old)
+            migrate(self.root, new)
             self._check_rename(old, new)
             src_side, dst_side = self._sidecar_dir(old), self._sidecar_dir(new)
             os.rename(src, dst)  # the history first: it is what the user cares about
@@ -216,12 +209,12 @@ class SessionStore:
             self._require(session_id, self.path_for(session_id))
         with self.locked(session_id):
             path = self.path_for(session_id)
-            self._migrate(session_id)
+            migrate(self.root, session_id)
             sidecars = self._checked_sidecar_dir(session_id)
             if not os.path.lexists(sidecars):
                 self._require(session_id, path)
             path.unlink(missing_ok=True)
-            _remove(sidecars)
+            remove_folder(sidecars)
             # Our writers make temp files only while holding this lock, so any left are dead.
             remove_stale_temps(self.root, path.name, max_age_s=0)
             self._lock_path(session_id).unlink(missing_ok=True)
@@ -230,7 +223,7 @@ class SessionStore:
     def _check_rename(self, old: str, new: str) -> None:
         self._require(old, self.path_for(old))
         self._checked_sidecar_dir(old)
-        legacy = [path for path, _ in self._legacy_sidecars(new)]
+        legacy = [path for path, _ in legacy_sidecars(self.root, new)]
         for path in (self.path_for(new), self._checked_sidecar_dir(new), *legacy):
             if os.path.lexists(path):
                 msg = f"Session {new!r} already exists ({path}); pick another name."
@@ -291,54 +284,13 @@ class SessionStore:
                 reason = f"cannot be created ({_reason(err)})"
             raise SessionError(f"Sessions directory {self.root} {reason}.") from None
 
-    # -- sidecar helpers --------------------------------------------------------------------------
+    # -- sidecar helpers (the id validated: it becomes a path) ------------------------------------
 
     def _sidecar_dir(self, session_id: str) -> Path:
-        return self.root / SIDECAR_ROOT / validate_session_id(session_id)
+        return sidecar_dir(self.root, validate_session_id(session_id))
 
     def _checked_sidecar_dir(self, session_id: str) -> Path:
-        directory = self._sidecar_dir(session_id)
-        for path in (directory.parent, directory):
-            try:
-                mode = os.lstat(path).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                break  # not there (NotADirectoryError: the root is a file; _require says so)
-            except OSError as err:
-                raise SessionError(f"{path} cannot be used ({_reason(err)}).") from None
-            if not stat.S_ISDIR(mode):
-                msg = (
-                    f"{path} is not a directory (a link or a file); localbot keeps session files "
-                    "there and never follows links out of the store: move it aside."
-                )
-                raise SessionError(msg)
-        return directory
-
-    def _legacy_sidecars(self, session_id: str) -> list[tuple[Path, str]]:
-        """An older layout's sidecars of this session: (path, name in the sidecar folder)."""
-        found = []
-        for suffix, name in LEGACY_SIDECARS.items():
-            path = self.root / f"{session_id}{suffix}"
-            if os.path.lexists(path):
-                found.append((path, name))
-        return found
-
-    def _migrate(self, session_id: str) -> None:
-        """Move ``<id>.settings`` & co. into the sidecar folder (the session's lock held)."""
-        legacy = self._legacy_sidecars(session_id)
-        if not legacy or not os.path.lexists(self.root / f"{session_id}.json"):
-            return
-        target = self._checked_sidecar_dir(session_id)
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path, name in legacy:
-            if os.path.lexists(target / name):
-                log.warning("not moving %s: %s already exists", path, target / name)
-                continue
-            os.rename(path, target / name)
-        for suffix in LEGACY_SIDECARS:
-            remove_stale_temps(self.root, f"{session_id}{suffix}")
-        fsync_directory(target)
-        fsync_directory(target.parent)
-        fsync_directory(self.root)
+        return checked_sidecar_dir(self.root, validate_session_id(session_id))
 
     # -- listing helpers --------------------------------------------------------------------------
 
@@ -366,53 +318,6 @@ class SessionStore:
             raise SessionError(msg)
 
 
-class SessionHistory(BaseChatMessageHistory):
-    """The chat history of one session, read from disk on every access.
-
-    Reading each time (no cache) means another process's appends are always seen, and the file
-    stays the single source of truth.
-    """
-
-    def __init__(self, store: SessionStore, session_id: str) -> None:
-        super().__init__()
-        self.store = store
-        self.session_id = validate_session_id(session_id)
-        self.path = store.path_for(session_id)
-
-    @property
-    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
-        """The stored messages; an empty list if the session has no file yet."""
-        return read_session(self._checked_path())[1]
-
-    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Append ``messages`` in one atomic write, so a turn's messages land together."""
-        new = messages_to_dict(list(messages))
-        if not new:
-            return
-        with self.store.locked(self.session_id):
-            path = self._checked_path()
-            self.store.write_entries(path, read_session(path)[0] + new)
-
-    def add_message(self, message: BaseMessage) -> None:
-        self.add_messages([message])
-
-    def replace_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Rewrite the whole history atomically (e.g. to replace a partial reply)."""
-        new = messages_to_dict(list(messages))
-        with self.store.locked(self.session_id):
-            path = self._checked_path()
-            read_session(path)  # refuse to write over a file we cannot read: it may be user data
-            self.store.write_entries(path, new)
-
-    def clear(self) -> None:
-        """Leave the session in place with no messages."""
-        self.replace_messages([])
-
-    def _checked_path(self) -> Path:
-        """Re-check the path on each use: a link could have appeared since ``__init__``."""
-        return self.store.path_for(self.session_id)
-
-
 def _is_bad_lock(err: OSError) -> bool:
     """A lock file that is a directory, a link (a loop or not) or another special file."""
     return isinstance(err, FileTypeError) or err.errno in (errno.EISDIR, errno.ELOOP)
@@ -429,16 +334,3 @@ def _resolve(path: Path) -> Path:
         return path.resolve()
     except (OSError, RuntimeError) as err:  # RuntimeError: link loop on Python < 3.13
         raise unusable(path, f"is a link that cannot be followed ({err})") from None
-
-
-def _remove(path: Path) -> None:
-    """Remove a sidecar folder with everything in it (``rmtree`` never follows links inside a
-    real folder; the caller checked that the folder and its parent are not links)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)

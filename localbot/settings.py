@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from localbot.errors import ConfigError
+from localbot.trimming import DEFAULT_WATERMARK
 
 
 def gpu_layers(value: str) -> int | None:
@@ -188,7 +189,7 @@ SETTINGS: tuple[Setting, ...] = (
         "after trimming, the history fills about this fraction of the "
         "context, so the cached prompt prefix survives many turns",
         type=fraction,
-        default=0.6,
+        default=DEFAULT_WATERMARK,
         metavar="F",
     ),
     Setting(
@@ -278,7 +279,3 @@ def _from_env(s: Setting, raw: str) -> Any:
         return s.type(raw)
     except (ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{s.env_var}={raw!r} is not a valid value ({s.help})") from None
-
-
-def names(settings: Sequence[Setting] = SETTINGS) -> list[str]:
-    return [s.name for s in settings]

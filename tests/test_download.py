@@ -25,7 +25,8 @@ from hubserver import FakeHub
 
 from localbot.download import main
 from localbot.errors import DownloadError
-from localbot.manifest import Manifest, ModelEntry, load_manifest, resolve_model
+from localbot.manifest import resolve_model
+from localbot.manifest_file import Manifest, ModelEntry, load_manifest
 
 pytestmark = pytest.mark.enable_socket  # the fake Hub listens on 127.0.0.1
 

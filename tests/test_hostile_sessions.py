@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage
 
-from localbot import atomic, kv_state
+from localbot import atomic, kv_files
 from localbot.errors import LocalbotError, SessionError
 from localbot.paths import input_history_path
 from localbot.session_settings import load_settings, save_settings
@@ -709,7 +709,7 @@ def _kv_files(tmp_path: Path) -> tuple[Path, dict]:
     state = put(tmp_path, ".sidecars/s/kvstate", os.urandom(4096))
     fd = os.open(state, os.O_RDONLY)
     try:
-        stamp = kv_state._stamp(os.fstat(fd))
+        stamp = kv_files.stamp(os.fstat(fd))
     finally:
         os.close(fd)
     return state, {"state": stamp}
@@ -717,7 +717,7 @@ def _kv_files(tmp_path: Path) -> tuple[Path, dict]:
 
 def test_the_state_file_we_wrote_is_trusted(tmp_path: Path) -> None:
     state, meta = _kv_files(tmp_path)
-    os.close(kv_state._open_verified(state, meta))
+    os.close(kv_files.open_verified(state, meta))
 
 
 def test_flipped_bits_with_mtime_put_back_are_refused(tmp_path: Path) -> None:
@@ -728,16 +728,16 @@ def test_flipped_bits_with_mtime_put_back_are_refused(tmp_path: Path) -> None:
     time.sleep(0.01)
     state.write_bytes(bytes(data))
     os.utime(state, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
-    with pytest.raises(kv_state._Rejected, match="ctime_ns differ"):
-        kv_state._open_verified(state, meta)
+    with pytest.raises(kv_files.Rejected, match="ctime_ns differ"):
+        kv_files.open_verified(state, meta)
 
 
 def test_a_copy_with_a_matching_meta_is_refused(tmp_path: Path) -> None:
     state, meta = _kv_files(tmp_path)
     copy = put(tmp_path, "copy/kvstate", state.read_bytes())
     os.utime(copy, ns=(meta["state"]["mtime_ns"],) * 2)
-    with pytest.raises(kv_state._Rejected, match="inode"):
-        kv_state._open_verified(copy, meta)
+    with pytest.raises(kv_files.Rejected, match="inode"):
+        kv_files.open_verified(copy, meta)
 
 
 def test_a_10_gb_sparse_state_is_refused_without_reading_it(tmp_path: Path) -> None:
@@ -746,8 +746,8 @@ def test_a_10_gb_sparse_state_is_refused_without_reading_it(tmp_path: Path) -> N
         f.truncate(10 * 1024**3)
     meta = {"state": {"size": 10 * 1024**3, "inode": 1, "mtime_ns": 1, "ctime_ns": 1}}
     start = time.perf_counter()
-    with pytest.raises(kv_state._Rejected):
-        kv_state._open_verified(state, meta)
+    with pytest.raises(kv_files.Rejected):
+        kv_files.open_verified(state, meta)
     assert time.perf_counter() - start < 0.5
 
 
@@ -757,16 +757,16 @@ def test_state_or_meta_that_is_a_fifo_or_a_link_is_refused_at_once(
     tmp_path: Path, which: str, kind: str
 ) -> None:
     state, meta = _kv_files(tmp_path)
-    target = state if which == "state" else kv_state.meta_path(state)
+    target = state if which == "state" else kv_files.meta_path(state)
     if which == "meta":
         target.write_text(json.dumps(meta))
     real = put(tmp_path, "outside", target.read_bytes())
     target.unlink()
     os.mkfifo(target) if kind == "fifo" else target.symlink_to(real)
-    check = {"state": kv_state._open_verified, "meta": kv_state._read_meta}[which]
+    check = {"state": kv_files.open_verified, "meta": kv_files.read_meta}[which]
     args = (state, meta) if which == "state" else (state,)
     start = time.perf_counter()
-    with pytest.raises(kv_state._Rejected):
+    with pytest.raises(kv_files.Rejected):
         check(*args)
     assert time.perf_counter() - start < 1
 

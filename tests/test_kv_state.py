@@ -20,16 +20,12 @@ from types import SimpleNamespace
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, messages_to_dict
 
+import localbot.kv_files as kv_files
 import localbot.kv_state as kv_state
 from localbot import ChatLlamaCpp
 from localbot.builtin_templates import BUILTIN_TEMPLATES
-from localbot.kv_state import (
-    meta_path,
-    prune_states,
-    remove_state,
-    restore_state,
-    save_state,
-)
+from localbot.kv_files import meta_path, prune_states, remove_state
+from localbot.kv_state import restore_state, save_state
 from localbot.llama_cache import common_prefix, drop_unsafe_cache
 
 N_CTX = 2048
@@ -224,7 +220,7 @@ def _rewrite_meta(path: Path, change) -> None:
 
 def _set_tokens(meta: dict, tokens: list[int]) -> None:
     meta["tokens"], meta["n_tokens"] = tokens, len(tokens)
-    meta["tokens_sha256"] = kv_state._tokens_sha256(tokens)
+    meta["tokens_sha256"] = kv_files.tokens_sha256(tokens)
 
 
 def _agree(meta: dict, state: Path) -> None:
@@ -476,8 +472,9 @@ def test_sliding_window_without_full_cache_refuses_unsafe_trims(
 # --------------------------------------------------------------------------- never runs code
 
 
-def test_module_never_unpickles() -> None:
-    source = Path(kv_state.__file__).read_text().lower()
+@pytest.mark.parametrize("module", [kv_state, kv_files], ids=["kv_state", "kv_files"])
+def test_module_never_unpickles(module) -> None:
+    source = Path(module.__file__).read_text().lower()
     assert "pickle" not in source
     assert "marshal" not in source
     assert "shelve" not in source

@@ -28,24 +28,29 @@ LAYERS: list[set[str]] = [
     {
         "gguf_file",
         "template_sandbox",
+        "template_limits",
         "runtime",
         "generation",
         "trimming",
         "settings",
         "session_file",
+        "session_history",
+        "session_sidecars",
         "bundled",
         "one_shot",
+        "manifest_file",
+        "kv_files",
     },
     # 2. templates, the session store, the model manifest
     {"templates", "prompt_tokens", "template_choice", "sessions", "manifest"},
-    # 3. the chat model (LangChain adapter), per-session settings and KV state, downloads
-    {"chat_model", "session_settings", "kv_state", "download"},
+    # 3. the chat model (LangChain adapter), per-session settings and KV state, fetching models
+    {"chat_model", "session_settings", "kv_state", "hub", "fetch"},
     # 4. KV orchestration for the chatbot
     {"kv_sessions"},
     # 5. the chatbot: one turn, top to bottom
     {"chatbot"},
     # 6. front ends
-    {"cli", "repl", "__main__", "server"},
+    {"cli", "repl", "repl_commands", "__main__", "server", "download"},
 ]
 
 

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from localbot import manifest as manifest_module
+from localbot import manifest_file as manifest_module
+from localbot.atomic import sha256_file
 from localbot.errors import ConfigError, ManifestError
-from localbot.manifest import (
+from localbot.manifest import check_model, resolve_model
+from localbot.manifest_file import (
     Manifest,
     ModelEntry,
-    check_model,
     default_models_dir,
     load_manifest,
-    resolve_model,
-    sha256_file,
     verify_models,
 )
 

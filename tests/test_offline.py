@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from localbot.manifest import Manifest, ModelEntry
+from localbot.manifest_file import Manifest, ModelEntry
 
 BASE = ["--chat-format", "gemma", "--temperature", "0", "--max-tokens", "4", "--ctx", "1024"]
 

@@ -15,7 +15,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
 from localbot.chat_model import round_context
 from localbot.errors import ConfigError
-from localbot.repl import ReplState, cmd_tokens
+from localbot.repl_commands import ReplState, cmd_tokens
 
 TEMPLATES = Path(__file__).parent / "templates"
 QWEN25 = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")

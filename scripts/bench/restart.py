@@ -21,7 +21,8 @@ from bench.raw import RawBot, load_raw
 from bench.settings import SESSION_ID, Settings, make_user_messages, token_counter
 from bench.timing import GenerateProbe
 from localbot.chat_model import ChatLlamaCpp
-from localbot.kv_state import remove_state, save_state
+from localbot.kv_files import remove_state
+from localbot.kv_state import save_state
 from localbot.sessions import SessionStore
 
 RESTART_MODES = {

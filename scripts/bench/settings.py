@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from localbot.trimming import DEFAULT_WATERMARK
+
 SESSION_ID = "bench"
 QUICK = {"turns": 8, "ctx": 512, "session_tokens": 300, "repeats": 1}
 DEFAULTS = {
@@ -15,7 +17,7 @@ DEFAULTS = {
     "user_tokens": 100,
     "max_tokens": 48,
     "ctx": 2048,
-    "watermark": 0.6,
+    "watermark": DEFAULT_WATERMARK,
     "session_tokens": 1500,
     "repeats": 3,
 }

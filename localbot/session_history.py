@@ -1,0 +1,65 @@
+"""One session's messages as a LangChain ``BaseChatMessageHistory``, over the files of a
+``SessionStore`` (``localbot.sessions``), which does the locking and the atomic writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from langchain_core.chat_history import BaseChatMessageHistory
+from langchain_core.messages import BaseMessage, messages_to_dict
+
+from localbot.session_file import read_session
+
+if TYPE_CHECKING:
+    from localbot.sessions import SessionStore
+
+__all__ = ["SessionHistory"]
+
+
+class SessionHistory(BaseChatMessageHistory):
+    """The chat history of one session, read from disk on every access.
+
+    Reading each time (no cache) means another process's appends are always seen, and the file
+    stays the single source of truth.
+    """
+
+    def __init__(self, store: SessionStore, session_id: str) -> None:
+        super().__init__()
+        self.store = store
+        self.path = store.path_for(session_id)  # refuses a bad id or a link out of the store
+        self.session_id = session_id
+
+    @property
+    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
+        """The stored messages; an empty list if the session has no file yet."""
+        return read_session(self._checked_path())[1]
+
+    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
+        """Append ``messages`` in one atomic write, so a turn's messages land together."""
+        new = messages_to_dict(list(messages))
+        if not new:
+            return
+        with self.store.locked(self.session_id):
+            path = self._checked_path()
+            self.store.write_entries(path, read_session(path)[0] + new)
+
+    def add_message(self, message: BaseMessage) -> None:
+        self.add_messages([message])
+
+    def replace_messages(self, messages: Sequence[BaseMessage]) -> None:
+        """Rewrite the whole history atomically (e.g. to replace a partial reply)."""
+        new = messages_to_dict(list(messages))
+        with self.store.locked(self.session_id):
+            path = self._checked_path()
+            read_session(path)  # refuse to write over a file we cannot read: it may be user data
+            self.store.write_entries(path, new)
+
+    def clear(self) -> None:
+        """Leave the session in place with no messages."""
+        self.replace_messages([])
+
+    def _checked_path(self) -> Path:
+        """Re-check the path on each use: a link could have appeared since ``__init__``."""
+        return self.store.path_for(self.session_id)
