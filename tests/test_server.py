@@ -326,7 +326,7 @@ def test_a_client_killed_mid_stream_frees_the_model_within_a_second(
         started = time.perf_counter() - killed_at
         assert '"role": "assistant"' in first
         assert "data: [DONE]" in list(lines)
-    assert started < 1.0
+    assert started < 1.0, f"the next request started {started:.2f} s after the kill"
     saved = history(server, "killed")
     assert saved[-1].response_metadata["interrupted"] is True
     assert saved[-1].response_metadata["finish_reason"] == "abandoned"
@@ -403,7 +403,7 @@ def test_the_session_api_lists_creates_renames_and_deletes(server) -> None:
 
 
 def test_a_page_turn_streams_and_its_meter_matches_the_repl(server, local_model) -> None:
-    from localbot.repl import ReplState, cmd_tokens
+    from localbot.repl_commands import ReplState, cmd_tokens
 
     api = server.url + "/api/sessions/meter"
     settings = {"system": "Answer in {language}.", "vars": {"language": "French"}}
