@@ -49,13 +49,13 @@ environment:
 log = logging.getLogger("localbot")
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + traceback-like noise
         self.exit(2, f"localbot: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m localbot",
         description="Chat with a local GGUF model. Conversations are saved per session and "
         "resumed by name. In the chat, type /help for commands. `python -m localbot serve` "
@@ -103,7 +103,7 @@ def run_session_action(args: argparse.Namespace, config: dict[str, Any]) -> int 
     return 0
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("localbot: %(message)s"))
     root = logging.getLogger("localbot")
@@ -204,7 +204,7 @@ def _install_signal_handlers() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = settings_mod.resolve(args)
-    _setup_logging(config["verbose"])
+    setup_logging(config["verbose"])
     action = run_session_action(args, config)
     if action is not None:
         return action
@@ -233,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except MissingVariableError as err:
-        return _fail(err.for_command_line(), err.exit_code)
+        return fail(err.for_command_line(), err.exit_code)
     except LocalbotError as err:
-        return _fail(str(err), err.exit_code)
+        return fail(str(err), err.exit_code)
     except Terminated as err:
         _flush_quietly()
         print("\nlocalbot: terminated (a partial reply, if any, is saved)", file=sys.stderr)
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OutputError as err:
         silence_stdout()
-        return _fail(str(err), err.exit_code)
+        return fail(str(err), err.exit_code)
 
 
 def _flush_quietly() -> None:
@@ -258,7 +258,7 @@ def _flush_quietly() -> None:
         sys.stdout.flush()
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
     _flush_quietly()
     print(f"localbot: error: {message}", file=sys.stderr)
     return code

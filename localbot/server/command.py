@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from localbot import settings as settings_mod
-from localbot.cli import _fail, _Parser, _setup_logging, make_chatbot
+from localbot.cli import OneLineParser, fail, make_chatbot, setup_logging
 from localbot.errors import ConfigError, LocalbotError, MissingVariableError, Terminated
 from localbot.server.security import is_loopback
 from localbot.server.turns import Defaults
@@ -28,7 +28,7 @@ NOT_FOR_SERVE = ("prompt", "json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m localbot serve",
         description="Serve the model: an OpenAI-compatible API under /v1 and a chat page at /, "
         "on the same sessions as the terminal chat. Loopback only unless --api-key is given. "
@@ -47,16 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return serve(settings_mod.resolve(args))
     except MissingVariableError as err:
-        return _fail(err.for_command_line(), err.exit_code)
+        return fail(err.for_command_line(), err.exit_code)
     except LocalbotError as err:
-        return _fail(str(err), err.exit_code)
+        return fail(str(err), err.exit_code)
     except KeyboardInterrupt:  # Ctrl-C while loading: nothing was served yet
         print("\nlocalbot: stopped", file=sys.stderr)
         return 0
 
 
 def serve(config: dict[str, Any]) -> int:
-    _setup_logging(config["verbose"])
+    setup_logging(config["verbose"])
     for name in NOT_FOR_SERVE:
         if config[name]:
             raise ConfigError(f"--{name} is for the terminal chat; `serve` does not use it")
