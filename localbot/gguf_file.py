@@ -39,7 +39,7 @@ MAX_ARRAY = 1 << 30
 INT64_MAX = (1 << 63) - 1
 
 # GGUF value types -> struct format for scalars.
-_SCALARS = {
+SCALAR_FORMATS = {
     0: "B",
     1: "b",
     2: "H",
@@ -287,16 +287,16 @@ def _read_metadata(header: _Header, kv_count: int) -> tuple[dict[str, Any], int]
 
 def _read_value(header: _Header, raw_key: bytes, vtype: int) -> Any:
     what = f"the value of {_show(raw_key)}"
-    if vtype in _SCALARS:
-        fmt = "<" + _SCALARS[vtype]
+    if vtype in SCALAR_FORMATS:
+        fmt = "<" + SCALAR_FORMATS[vtype]
         return struct.unpack_from(fmt, header.buf, header.skip(struct.calcsize(fmt), what))[0]
     if vtype == _STRING:
         return header.string(what).decode("utf-8", errors="replace")
     if vtype != _ARRAY:
         raise header.corrupt(f"{_show(raw_key)} has unknown GGUF value type {vtype}")
     item_type = header.u32(f"the item type of {_show(raw_key)}")
-    if item_type in _SCALARS:
-        item_size = struct.calcsize("<" + _SCALARS[item_type])
+    if item_type in SCALAR_FORMATS:
+        item_size = struct.calcsize("<" + SCALAR_FORMATS[item_type])
         count = header.count(f"the length of array {_show(raw_key)}", item_size, MAX_ARRAY)
         header.skip(count * item_size, what)
     elif item_type == _STRING:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from model_file import CACHE_DIR, gemma_model_file
 
+from localbot.gguf_file import SCALAR_FORMATS
+
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
 
@@ -399,19 +401,7 @@ def vocab_file(name: str) -> Path:
 # A vocab-only GGUF is the source file's metadata with some values replaced and no tensors.
 # Copying the raw bytes of unchanged values keeps this fast (the gguf package's reader takes
 # ~10 s on Gemma's 262k-token vocabulary).
-_SCALAR = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
+_SCALAR = SCALAR_FORMATS
 _STRING, _ARRAY, _UINT32, _BOOL, _FLOAT32, _INT32 = 8, 9, 4, 7, 6, 5
 
 
