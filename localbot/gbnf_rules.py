@@ -70,44 +70,45 @@ def json_safe_pattern(pattern: Any, path: str) -> str:
 def _pattern_tokens(body: str, path: str) -> Iterator[str]:
     i = 0
     while i < len(body):
-        c = body[i]
-        if c == "\\":
-            yield _escape_outside_class(body[i + 1 : i + 2], path)
-            i += 2
-        elif c == "[":
-            j = i + 1
-            if body[j : j + 1] == "^":
-                j += 1
-            if body[j : j + 1] == "]":
-                j += 1
-            while j < len(body) and body[j] != "]":
-                j += 2 if body[j] == "\\" else 1
-            if j >= len(body):
-                raise unenforceable(path, "an unclosed [ in a pattern")
-            yield _safe_class(body[i + 1 : j], path)
-            i = j + 1
-        elif c == "(":
-            if body.startswith("(?:", i):
-                yield "("
-                i += 3
-            elif body.startswith("(?", i):
-                raise unenforceable(path, "lookaround or named groups in a pattern")
-            else:
-                yield "("
-                i += 1
-        elif c in "*+?}" and i + 1 < len(body) and body[i + 1] == "?":
-            yield c  # a lazy quantifier matches the same strings as the greedy one
-            i += 2
-        elif c in "^$":
-            raise unenforceable(path, f"an anchor {c!r} inside a pattern")
-        elif c == ".":
-            yield _SAFE_DOT
-            i += 1
-        elif c == '"':
-            raise unenforceable(path, "a quote character in a pattern")
-        else:
-            yield c
-            i += 1
+        token, i = _pattern_token(body, i, path)
+        yield token
+
+
+def _pattern_token(body: str, i: int, path: str) -> tuple[str, int]:
+    """The GBNF for the pattern element at ``body[i]``, and where the next one starts."""
+    c = body[i]
+    if c == "\\":
+        return _escape_outside_class(body[i + 1 : i + 2], path), i + 2
+    if c == "[":
+        j = _class_end(body, i, path)
+        return _safe_class(body[i + 1 : j], path), j + 1
+    if c == "(":
+        if body.startswith("(?:", i):
+            return "(", i + 3
+        if body.startswith("(?", i):
+            raise unenforceable(path, "lookaround or named groups in a pattern")
+        return "(", i + 1
+    if c in "*+?}" and body[i + 1 : i + 2] == "?":
+        return c, i + 2  # a lazy quantifier matches the same strings as the greedy one
+    if c in "^$":
+        raise unenforceable(path, f"an anchor {c!r} inside a pattern")
+    if c == '"':
+        raise unenforceable(path, "a quote character in a pattern")
+    return (_SAFE_DOT if c == "." else c), i + 1
+
+
+def _class_end(body: str, i: int, path: str) -> int:
+    """The index of the ``]`` closing the character class that opens at ``body[i]``."""
+    j = i + 1
+    if body[j : j + 1] == "^":
+        j += 1
+    if body[j : j + 1] == "]":
+        j += 1
+    while j < len(body) and body[j] != "]":
+        j += 2 if body[j] == "\\" else 1
+    if j >= len(body):
+        raise unenforceable(path, "an unclosed [ in a pattern")
+    return j
 
 
 def _escape_outside_class(e: str, path: str) -> str:

@@ -86,7 +86,13 @@ def normalize(schema: Any, path: str = "") -> Any:
     for defs in ("$defs", "definitions"):
         if isinstance(node.get(defs), dict):
             node[defs] = {k: normalize(v, _child(path, defs, k)) for k, v in node[defs].items()}
-    asserted = {k for k in node if k in _GENERIC or any(k in s for s in _BY_TYPE.values())}
+    combined = _normalize_combination(node, path)
+    return combined if combined is not None else _normalize_typed(node, path)
+
+
+def _normalize_combination(node: dict[str, Any], path: str) -> Any:
+    """``node`` normalized when it is a reference, a union, an intersection or an enumeration;
+    None when it is none of these."""
     if "$ref" in node:
         _only(node, path, {"$ref"}, "keywords beside a $ref")
         if not str(node["$ref"]).startswith("#/"):
@@ -106,6 +112,12 @@ def normalize(schema: Any, path: str = "") -> Any:
     if "const" in node or "enum" in node:
         _only(node, path, {"const", "enum", "type"}, "keywords beside enum/const")
         return node
+    return None
+
+
+def _normalize_typed(node: dict[str, Any], path: str) -> Any:
+    """``node`` normalized by its ``type`` (several types: one branch each)."""
+    asserted = {k for k in node if k in _GENERIC or any(k in s for s in _BY_TYPE.values())}
     types = _types_of(node)
     if len(types) > 1:
         rest = {k: v for k, v in node.items() if k != "type"}

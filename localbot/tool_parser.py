@@ -151,12 +151,7 @@ class CallParser:
         for i, ch in enumerate(self._buffer):
             taken = i + 1
             if self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif ch == "\\":
-                    self._escape = True
-                elif ch == '"':
-                    self._in_string = False
+                self._string_char(ch)
             elif ch == '"':
                 self._in_string = True
             elif ch in "{[":
@@ -172,6 +167,15 @@ class CallParser:
             if call.announced:
                 events.append(Event("args", piece, index=len(self.calls) - 1))
         return done
+
+    def _string_char(self, ch: str) -> None:
+        """One character inside a JSON string: only an unescaped quote ends it."""
+        if self._escape:
+            self._escape = False
+        elif ch == "\\":
+            self._escape = True
+        elif ch == '"':
+            self._in_string = False
 
     def _next_call(self, final: bool) -> bool:
         """After a call: another one, or the end. True when another call begins."""

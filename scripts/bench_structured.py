@@ -51,6 +51,7 @@ def _round(llama, prompt_ids, max_new: int, mode: str, grammar: str) -> tuple[in
     import llama_cpp
 
     from localbot.grammar_sampler import GrammarSampler, use_sampler
+    from localbot.llama_cache import vocab_handle
 
     llama.reset()
     llama._ctx.kv_cache_clear()
@@ -61,7 +62,7 @@ def _round(llama, prompt_ids, max_new: int, mode: str, grammar: str) -> tuple[in
         undo = use_sampler(llama, sampler)
     elif mode == "stock":
         kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(grammar)
-    vocab = llama._model.vocab
+    vocab = vocab_handle(llama)
     n, first, last = 0, None, None
     try:
         for token in llama.generate(prompt_ids, **kwargs):
