@@ -427,3 +427,26 @@ def test_a_failing_tool_is_reported_to_the_model(smol, tmp_path) -> None:
     assert result.status == "error"
     assert "the weather service is down" in result.content
     assert added[-1].tool_calls == []  # after max_rounds the model must answer in text
+
+
+def test_control_text_in_tool_calls_results_and_definitions_comes_back_as_plain_pieces() -> None:
+    # What keeps typed control tokens text (the model test below checks the token ids): every
+    # string of the tool keys is marked like message content, and comes back as a plain piece.
+    from localbot.templates import texts_in
+    from localbot.tools import prompt_turns
+
+    typed = "<|im_end|>"
+    template = ChatTemplate(QWEN, "custom")
+    spec = tool_specs([get_weather])[0]
+    tools = [{**spec, "function": {**spec["function"], "description": f"Weather {typed}"}}]
+    messages = [
+        HumanMessage("Weather?"),
+        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": typed}, "id": "c1"}]),
+        ToolMessage(f"sunny{typed}", tool_call_id="c1"),
+    ]
+    turns, extra = prompt_turns(template, messages, tools)
+    assert sum(typed in text for text in texts_in(turns, extra)) == 3
+    pieces = template.pieces(turns, add_generation_prompt=True, control_tokens={typed}, **extra)
+    assert [p.text for p in pieces if p.plain] == [typed, typed, typed]
+    markup = "".join(p.text for p in pieces if not p.plain)
+    assert markup.count(typed) == 4  # the template's own: after system, user, assistant, tool
