@@ -102,12 +102,13 @@ def speed(model_path: Path, rounds: int) -> list[tuple[str, int, float]]:
     ]
 
 
-def tool_cost() -> list[tuple[str, int, int, int]]:
+def tool_cost() -> list[tuple[str, int | None, int, int]]:
     from langchain_core.messages import HumanMessage, SystemMessage
     from langchain_core.tools import tool
     from model_file import gemma_model_file, smollm2_model_file
 
     from localbot import ChatLlamaCpp
+    from localbot.errors import TemplateError
 
     @tool
     def get_weather(city: str, unit: str = "celsius") -> str:
@@ -140,9 +141,13 @@ def tool_cost() -> list[tuple[str, int, int, int]]:
     for label, path, template in setups:
         fmt = (templates / f"{template}.jinja").read_text() if template else None
         model = ChatLlamaCpp(model_path=str(path), chat_format=fmt)
-        bare = model.get_num_tokens_from_messages(messages)
         one = model.get_num_tokens_from_messages(messages, tools=[get_weather])
         three = model.get_num_tokens_from_messages(messages, tools=[get_weather, add, search])
+        try:
+            bare = model.get_num_tokens_from_messages(messages)
+        except TemplateError:  # Hermes' tool-use template renders only with tools
+            rows.append((label, None, one, three))
+            continue
         rows.append((label, bare, one - bare, three - bare))
     return rows
 
@@ -167,7 +172,10 @@ def main() -> None:
     print("| prompt | tokens without tools | + 1 tool | + 3 tools |")
     print("|---|---|---|---|")
     for label, bare, one, three in tool_cost():
-        print(f"| {label} | {bare} | +{one} | +{three} |")
+        if bare is None:  # no prompt without tools: the totals
+            print(f"| {label} | (needs tools) | {one} in all | {three} in all |")
+        else:
+            print(f"| {label} | {bare} | +{one} | +{three} |")
 
 
 if __name__ == "__main__":
