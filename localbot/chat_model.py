@@ -138,6 +138,7 @@ class ChatLlamaCpp(BaseChatModel):
     _load_lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
     _run_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _last_stats: TurnStats | None = PrivateAttr(default=None)
+    _generations: int = PrivateAttr(default=0)
     _load_seconds: float | None = PrivateAttr(default=None)
     _piece_cache: dict[tuple[str, bool], tuple[int, ...]] = PrivateAttr(default_factory=dict)
     _prompt_cache: dict[str, tuple[int, ...]] = PrivateAttr(default_factory=dict)
@@ -205,6 +206,12 @@ class ChatLlamaCpp(BaseChatModel):
     @property
     def load_seconds(self) -> float | None:
         return self._load_seconds
+
+    @property
+    def generation_count(self) -> int:
+        """How many generations this model has started: what its KV memory last held changes
+        with each (see ``localbot.kv_sessions``)."""
+        return self._generations
 
     @property
     def last_stats(self) -> TurnStats | None:
@@ -424,6 +431,7 @@ class ChatLlamaCpp(BaseChatModel):
             seed=kwargs.get("seed", self.seed),
         )
         with self._run_lock:
+            self._generations += 1
             self._last_stats = stats = TurnStats()
             yield from generate(
                 llama,

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m localbot",
         description="Chat with a local GGUF model. Conversations are saved per session and "
-        "resumed by name. In the chat, type /help for commands.",
+        "resumed by name. In the chat, type /help for commands. `python -m localbot serve` "
+        "serves an OpenAI-compatible API and a chat page on the same sessions.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

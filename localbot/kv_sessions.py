@@ -39,7 +39,10 @@ class SessionKvCache:
         """(seconds, bytes) of the most recent background save that wrote a state, None while
         one runs or when it wrote nothing: for ``/stats`` and the benchmark (after ``wait()``)."""
         self._saves: list[threading.Thread] = []
-        self._live: str | None = None
+        # The session the model's memory holds, and the model's generation count it will have
+        # once that session's turn has generated: any other generation in between (a stateless
+        # request, another chatbot on the same model) means the memory holds something else.
+        self._live: tuple[str, int] | None = None
 
     def restore(
         self,
@@ -51,13 +54,15 @@ class SessionKvCache:
         ``tools``, OpenAI-shaped specs, in it when the turn binds them); returns
         the tokens restored (0 when the model's memory already holds this session, or when no
         usable state exists)."""
-        if session_id == self._live:
+        expected = self.model.generation_count + 1
+        if self._live == (session_id, self.model.generation_count):
             # The model holds at least what the file holds: do not even look at it.
+            self._live = (session_id, expected)
             return 0
         self.wait()
         path = self.store.kv_state_path(session_id)
         restored = kv_state.restore_state(self.model, path, self.model.prompt_ids(prompt, tools))
-        self._live = session_id
+        self._live = (session_id, expected)
         return restored
 
     def save_in_background(self, session_id: str) -> None:
@@ -89,5 +94,5 @@ class SessionKvCache:
         """The session's messages are gone (``/clear``): so is its saved state."""
         self.wait()
         kv_files.remove_state(self.store.kv_state_path(session_id))
-        if self._live == session_id:
+        if self._live and self._live[0] == session_id:
             self._live = None

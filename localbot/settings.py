@@ -208,6 +208,33 @@ SETTINGS: tuple[Setting, ...] = (
         flag_only=True,
     ),
     Setting("verbose", "show llama.cpp's log and debug messages", flag_only=True, short="-v"),
+    # `python -m localbot serve` only:
+    Setting(
+        "host",
+        "(serve) address to listen on; anything but loopback needs --api-key",
+        default="127.0.0.1",
+        metavar="ADDR",
+    ),
+    Setting(
+        "port",
+        "(serve) port to listen on; 0 picks a free one",
+        type=bounded_int(0, 65535),
+        default=8080,
+        metavar="N",
+    ),
+    Setting(
+        "api_key",
+        "(serve) require 'Authorization: Bearer KEY' on every API route (prefer the "
+        "environment variable: a flag shows in `ps`)",
+        metavar="KEY",
+    ),
+    Setting(
+        "cors_origin",
+        "(serve) let pages from this origin call the API, e.g. http://localhost:3000 "
+        "(repeatable; env: separated by ';')",
+        repeat=True,
+        metavar="ORIGIN",
+    ),
 )
 
 

@@ -267,3 +267,17 @@ def test_the_template_in_use_is_named_with_its_origin(smol_model_path, test_mode
     )
     forced = ChatLlamaCpp(model_path=str(test_model_path), chat_format="chatml")
     assert forced.template_description() == "built-in chatml, from chat_format"
+
+
+def test_a_stateless_request_between_turns_does_not_hide_the_saved_state(smol_model_path, tmp_path):
+    """The server answers stateless requests on the same model between a session's turns: the
+    session's next turn must restore its saved state, not assume the model still holds it."""
+    model = ChatLlamaCpp(model_path=str(smol_model_path), n_ctx=2048, temperature=0, max_tokens=8)
+    bot = build_chatbot(model, SessionStore(tmp_path), "Answer briefly.")
+    bot.invoke({"messages": [HumanMessage("Name a river in Spain.")]}, session())
+    bot.invoke({"messages": [HumanMessage("And one in France?")]}, session())
+    assert bot.last_turn.restored_tokens == 0  # the model held the session: nothing to load
+    bot.wait_for_saves()
+    model.invoke("Something else entirely, from another client.")
+    bot.invoke({"messages": [HumanMessage("And one in Italy?")]}, session())
+    assert bot.last_turn.restored_tokens > 30
