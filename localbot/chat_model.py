@@ -23,26 +23,30 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    ChatMessage,
     MessageLikeRepresentation,
-    SystemMessage,
     convert_to_messages,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from localbot.errors import ConfigError, ContextOverflowError, LocalbotError
+from localbot import structured
+from localbot import tools as tools_mod
+from localbot.errors import ConfigError, ContextOverflowError
 from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
+from localbot.grammar import check_grammar
 from localbot.llama_cache import vocab_handle
 from localbot.runtime import load_llama, supports_gpu_offload
 from localbot.template_choice import resolve_template
-from localbot.templates import ChatTemplate, max_chars_for_context
+from localbot.templates import ChatTemplate, max_chars_for_context, texts_in
+from localbot.tool_parser import CallParser
+from localbot.tools import ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +64,8 @@ def round_context(n_ctx: int) -> int:
 
 
 def message_role(message: BaseMessage) -> str:
-    if isinstance(message, SystemMessage):
-        return "system"
-    if isinstance(message, AIMessage):
-        return "assistant"
-    if isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant"):
-        return message.role
-    # Human, tool and unknown roles are read as user text: no template here knows "tool".
-    return "user"
+    """The chat-template role of ``message`` ("tool" for tool results; see localbot.tools)."""
+    return tools_mod.template_role(message)
 
 
 class ChatLlamaCpp(BaseChatModel):
@@ -143,9 +141,7 @@ class ChatLlamaCpp(BaseChatModel):
     _generations: int = PrivateAttr(default=0)
     _load_seconds: float | None = PrivateAttr(default=None)
     _piece_cache: dict[tuple[str, bool], tuple[int, ...]] = PrivateAttr(default_factory=dict)
-    _prompt_cache: dict[tuple[tuple[str, str], ...], tuple[int, ...]] = PrivateAttr(
-        default_factory=dict
-    )
+    _prompt_cache: dict[str, tuple[int, ...]] = PrivateAttr(default_factory=dict)
 
     # ----------------------------------------------------------------- identity
     @property
@@ -324,28 +320,36 @@ class ChatLlamaCpp(BaseChatModel):
         tools: Sequence[Any] | None = None,
     ) -> int:
         """Exactly the number of prompt tokens llama.cpp evaluates for ``messages``: chat
-        template, generation prompt and BOS included."""
-        if tools:
-            raise LocalbotError("ChatLlamaCpp does not support tools")
-        return len(self.prompt_ids(messages))
+        template, generation prompt and BOS included (and ``tools``, as ``bind_tools`` puts
+        them in the prompt)."""
+        specs = tools_mod.tool_specs(tools) if tools else None
+        return len(self.prompt_ids(messages, specs))
 
-    def prompt_ids(self, messages: Sequence[MessageLikeRepresentation]) -> list[int]:
-        """The token ids llama.cpp is given for ``messages`` (with the generation prompt).
+    def prompt_ids(
+        self,
+        messages: Sequence[MessageLikeRepresentation],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The token ids llama.cpp is given for ``messages`` (with the generation prompt), with
+        ``tools`` (OpenAI-shaped specs, see ``localbot.tools.tool_specs``) when given.
 
         Messages may be given in any form ``invoke`` takes (``("human", "hi")`` tuples, dicts)."""
         # A turn asks for the same prompt three times (trim count, KV restore, generation):
         # render and tokenize it once.
-        key = tuple((message_role(m), m.text) for m in convert_to_messages(messages))
+        converted = convert_to_messages(messages)
+        key = tools_mod.cache_key(converted, tools)  # tool calls and ids are in the key
         ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = tuple(self._render_ids(key))
+            ids = tuple(self._render_ids(converted, tools))
             if len(self._prompt_cache) >= 8:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
             self._prompt_cache[key] = ids
         return list(ids)
 
-    def _render_ids(self, key: tuple[tuple[str, str], ...]) -> list[int]:
-        if not key:
+    def _render_ids(
+        self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None
+    ) -> list[int]:
+        if not messages:
             # Nothing to evaluate, so nothing to count. An empty list is never rendered: most real
             # templates read messages[0] and raise, and LangChain's trim_messages (a binary
             # search over prefixes) may ask for it.
@@ -353,11 +357,15 @@ class ChatLlamaCpp(BaseChatModel):
         from localbot.prompt_tokens import encode, special_tokens
 
         specials = special_tokens(self._tokenizer(), self.model_path)
-        turns = [{"role": role, "content": text} for role, text in key]
-        controls = specials.controls_in(text for _, text in key)
-        pieces = self.template.pieces(turns, add_generation_prompt=True, control_tokens=controls)
+        # Roles, tool calls and tool definitions are laid out by localbot.tools.
+        turns, extra = tools_mod.prompt_turns(self.template, messages, tools)
+        controls = specials.controls_in(texts_in(turns, extra))
+        pieces = self.template.pieces(
+            turns, add_generation_prompt=True, control_tokens=controls, **extra
+        )
         # Tokenized like llama.cpp tokenizes the whole rendered prompt (special tokens parsed),
-        # except control-token text typed in a message, which stays text.
+        # except control-token text typed in a message, tool call or tool definition, which
+        # stays text.
         ids = encode(pieces, specials, self._tokenize_piece)
         bos = self._bos_to_add()
         if bos is not None and (not ids or ids[0] != bos):
@@ -388,7 +396,11 @@ class ChatLlamaCpp(BaseChatModel):
             yield llama
 
     def _run(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        call: ToolCall | None = None,
     ) -> Iterator[str]:
         """Generate a reply: yields text pieces; ``self.last_stats`` says how it went."""
         if kwargs.get("model") not in (None, self.model_name, self.model_path):
@@ -396,7 +408,9 @@ class ChatLlamaCpp(BaseChatModel):
                 "ChatLlamaCpp runs the one GGUF file it was created with; "
                 "make another ChatLlamaCpp to use another model"
             )
-        prompt = self.prompt_ids(messages)
+        # Tools are in the prompt, and a grammar shapes the reply (tool calls, structured output).
+        prompt = self.prompt_ids(messages, call.specs if call else None)
+        grammar = call.grammar if call else structured.grammar_for(kwargs.get("response_format"))
         llama = self.load()
         n_ctx = int(llama.n_ctx())
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
@@ -427,6 +441,7 @@ class ChatLlamaCpp(BaseChatModel):
                 sampling=sampling,
                 timeout=kwargs.get("timeout", self.timeout),
                 stats=stats,
+                grammar=grammar,
             )
 
     def _result_metadata(self, stats: TurnStats) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -451,14 +466,20 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        chunks = list(self._stream(messages, stop, run_manager, **kwargs))
+        parsers: list[CallParser] = []
+        chunks = list(self._chunks(messages, stop, run_manager, kwargs, parsers))
         full = chunks[0].message
         for chunk in chunks[1:]:
             full += chunk.message
+        # The calls as the parser finished them: a call the reply ended inside is invalid (the
+        # merged chunks would read its partial JSON as a complete call).
+        calls, invalid = tools_mod.finished_calls(parsers[0]) if parsers else ([], [])
         message = AIMessage(
             content=full.content,
             usage_metadata=full.usage_metadata,
             response_metadata=full.response_metadata,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -469,16 +490,90 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for text in self._run(messages, stop, kwargs):
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
-            if run_manager:
-                run_manager.on_llm_new_token(text, chunk=chunk)
-            yield chunk
+        yield from self._chunks(messages, stop, run_manager, kwargs)
+
+    def _chunks(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+        parsers: list[CallParser] | None = None,
+    ) -> Iterator[ChatGenerationChunk]:
+        """The reply as chunks: text, ``tool_call_chunks`` when tools are bound (the parser that
+        found them is appended to ``parsers``), and a last chunk with the usage."""
+        call = self._tool_call(kwargs)
+        parser = call.parser() if call and call.choice != "none" else None
+        if parser is not None and parsers is not None:
+            parsers.append(parser)
+        for text in self._run(messages, stop, kwargs, call):
+            for message in tools_mod.stream_chunks(parser.feed(text)) if parser else [text]:
+                chunk = ChatGenerationChunk(
+                    message=message if parser else AIMessageChunk(content=message)
+                )
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        if parser:
+            for message in tools_mod.stream_chunks(parser.finish()):
+                yield ChatGenerationChunk(message=message)
         usage, response = self._result_metadata(self._last_stats or TurnStats())
+        if parser and parser.calls and response["finish_reason"] == "stop":
+            response["finish_reason"] = "tool_calls"
         last = AIMessageChunk(
             content="", usage_metadata=usage, response_metadata=response, chunk_position="last"
         )
         yield ChatGenerationChunk(message=last)
+
+    # ----------------------------------------------------------------- tools, schemas
+    def _tool_call(self, kwargs: dict[str, Any]) -> ToolCall | None:
+        tools = kwargs.get("tools")
+        specs = tools_mod.tool_specs(tools) if tools else None
+        parallel = kwargs.get("parallel_tool_calls")
+        return tools_mod.plan(self.template, specs, kwargs.get("tool_choice"), parallel)
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (``@tool`` functions, ``BaseTool``s, Pydantic classes, TypedDicts, OpenAI
+        dicts). ``tool_choice``: "auto" (default: text or a call), "any"/"required" (a call),
+        "none", or a tool name. Sampling follows a grammar, so calls are always well-formed
+        JSON matching the tool's arguments schema; a schema the grammar cannot enforce is a
+        ConfigError here. ``parallel_tool_calls=True`` allows several calls in one reply where
+        the chat template can show them (off by default: small models repeat a call)."""
+        specs = tools_mod.tool_specs(tools)
+        call = tools_mod.plan(self.template, specs, tool_choice, parallel_tool_calls)
+        if call is not None:
+            self.check_grammar(call.grammar)
+        return super().bind(
+            tools=specs, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **kwargs
+        )
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ConfigError now if llama.cpp's parser rejects ``grammar`` (GBNF)."""
+        check_grammar(grammar, vocab_handle(self._tokenizer()))
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        include_raw: bool = False,
+        method: str = "json_schema",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Replies parsed into ``schema`` (a Pydantic class, TypedDict or JSON schema dict).
+
+        ``method``: "json_schema" (default; sampling follows a grammar built from the schema),
+        "json_mode" (any JSON object) or "function_calling" (a forced tool call). See
+        ``localbot.structured``."""
+        return structured.with_structured_output(
+            self, schema, method=method, include_raw=include_raw, **kwargs
+        )
 
 
 __all__ = ["MAX_DEFAULT_CTX", "ChatLlamaCpp", "TurnStats"]

@@ -40,6 +40,7 @@ from localbot.errors import ConfigError, MissingVariableError
 from localbot.kv_sessions import SessionKvCache
 from localbot.sessions import SessionHistory, SessionStore
 from localbot.system_prompt import make_prompt
+from localbot.tools import tool_specs
 from localbot.trimming import DEFAULT_WATERMARK, TrimPlan, plan_trim
 from localbot.turn_timings import Clock, TurnTimings
 
@@ -98,8 +99,12 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         variables: Mapping[str, Any] | None = None,
         trim_watermark: float = DEFAULT_WATERMARK,
         kv_cache: bool = True,
+        tools: Sequence[Any] = (),
     ) -> None:
         self.model = model
+        # Tools bound to every turn (and counted in every prompt); localbot.tool_loop runs them.
+        self.tools = list(tools)
+        self.tool_specs = tool_specs(self.tools) if self.tools else None
         self.store = store
         self.system_prompt = system_prompt
         self.prompt = make_prompt(system_prompt)
@@ -122,6 +127,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             trim_watermark=self.trim_watermark,
             kv_cache=False,
         )
+        other.tools, other.tool_specs = self.tools, self.tool_specs
         other.kv = self.kv  # one model memory, one record of what it holds
         other.last_turn = self.last_turn
         return other
@@ -160,9 +166,13 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 history.add_messages(new)
             saved_human = True
             with clock.step("restore_kv"):
-                timings.restored_tokens = self.kv.restore(session_id, prompt) if self.kv else 0
+                timings.restored_tokens = (
+                    self.kv.restore(session_id, prompt, self.tool_specs) if self.kv else 0
+                )
             with clock.step("model"):
                 model_config = patch_config(config, callbacks=run.get_child())
+                if self.tool_specs and "tools" not in kwargs:
+                    kwargs = {"tools": self.tool_specs, **kwargs}
                 for chunk in self.model.stream(prompt, config=model_config, **kwargs):
                     chunks.append(chunk)
                     yield chunk
@@ -267,7 +277,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         head = self.prompt_messages(values, [])
         key = tuple(m.text for m in head)
         if self._turn_costs is None or self._turn_costs[0] != key:
-            count = self.model.get_num_tokens_from_messages
+            count = self._count
             tokens = self.model.get_num_tokens
             user, reply, again = HumanMessage("a"), AIMessage("b"), HumanMessage("c")
             one = count([*head, user])
@@ -296,9 +306,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         costs = self.turn_costs(values)
         return plan_trim(
             history,
-            count_prompt=lambda msgs: self.model.get_num_tokens_from_messages(
-                self.prompt_messages(values, msgs)
-            ),
+            count_prompt=lambda msgs: self._count(self.prompt_messages(values, msgs)),
             message_cost=lambda m: self.model.get_num_tokens(m.text) + costs.of(m),
             fixed=costs.fixed,
             budget=budget,
@@ -312,7 +320,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         budget = self.prompt_budget()
         if budget > 0:
             probe = self.prompt_messages(values, [HumanMessage("hi")])
-            needed = self.model.get_num_tokens_from_messages(probe)
+            needed = self._count(probe)
             if needed <= budget:
                 return
             what = f"the system prompt and chat template alone take {needed} tokens, and "
@@ -323,6 +331,10 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             f"replies may take up to {self.reply_budget()} tokens; raise --ctx or lower "
             "--max-tokens"
         )
+
+    def _count(self, messages: Sequence[BaseMessage]) -> int:
+        # The tool definitions are part of every prompt.
+        return self.model.get_num_tokens_from_messages(messages, tools=self.tool_specs)
 
 
 def _to_message(chunks: Sequence[AIMessageChunk]) -> AIMessage:
@@ -336,6 +348,8 @@ def _to_message(chunks: Sequence[AIMessageChunk]) -> AIMessage:
         response_metadata=dict(full.response_metadata),
         usage_metadata=full.usage_metadata,
         id=full.id,
+        tool_calls=full.tool_calls,  # a reply's tool calls are saved with it
+        invalid_tool_calls=full.invalid_tool_calls,
     )
 
 
@@ -348,7 +362,8 @@ def build_chatbot(
     """A Runnable chatbot over ``model`` that keeps each session in ``store``.
 
     ``options``: ``variables`` (values for the system prompt's ``{names}``), ``trim_watermark``
-    (see ``localbot.trimming``), ``kv_cache`` (save/restore llama.cpp's state per session).
+    (see ``localbot.trimming``), ``kv_cache`` (save/restore llama.cpp's state per session),
+    ``tools`` (bound to every turn; ``localbot.tool_loop.run_tool_loop`` runs them).
 
     Example:
         .. code-block:: python

@@ -8,10 +8,11 @@ from __future__ import annotations
 import codecs
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from localbot.grammar_sampler import GrammarSampler, use_sampler
 from localbot.llama_cache import drop_unsafe_cache, reusable_tokens, vocab_handle
 
 
@@ -125,6 +126,22 @@ def _ended(stopped: bool, full: bool, deadline: float | None) -> str | None:
     return None
 
 
+def _constrain(
+    llama: Any, grammar: str | None, seed: int, sampling: Sampling
+) -> Callable[[], None]:
+    """Make ``llama``'s next generation follow ``grammar``; returns what undoes it."""
+    if not grammar:
+        return lambda: None
+    sampler = GrammarSampler(llama, grammar, seed, **sampling.for_llama())
+    restore = use_sampler(llama, sampler)
+
+    def undo() -> None:
+        restore()
+        sampler.close()
+
+    return undo
+
+
 def generate(
     llama: Any,
     prompt: list[int],
@@ -134,18 +151,21 @@ def generate(
     sampling: Sampling,
     timeout: float | None = None,
     stats: TurnStats | None = None,
+    grammar: str | None = None,
 ) -> Iterator[str]:
     """Generate a reply to the token ids ``prompt``: yields text pieces (about one token each).
 
     ``stats`` (filled in as it goes, final when the generator ends, however it ends) says how it
     ended: ``stop`` (end of turn or a stop sequence), ``length``, ``timeout``, ``abandoned`` (the
-    consumer closed it), ``interrupted`` (Ctrl-C) or ``error``. The caller holds the model.
+    consumer closed it), ``interrupted`` (Ctrl-C) or ``error``. ``grammar`` (GBNF) constrains
+    sampling (structured output, tool calls; see ``localbot.grammar_sampler``). The caller holds
+    the model.
     """
     import llama_cpp
 
     stats = stats if stats is not None else TurnStats()
-    seed = sampling.seed
-    llama.set_seed(seed if seed is not None else random.randint(0, 2**31 - 1))
+    seed = sampling.seed if sampling.seed is not None else random.randint(0, 2**31 - 1)
+    llama.set_seed(seed)
     # With swa_full off, llama.cpp may hold too little of the sliding window to reuse the
     # cached prefix correctly: then read the prompt in full rather than answer wrongly.
     drop_unsafe_cache(llama, prompt)
@@ -158,6 +178,7 @@ def generate(
     deadline = start + timeout if timeout else None
     first = None
     reason = None  # why the reply ended; stays None while tokens keep coming
+    undo = _constrain(llama, grammar, seed, sampling)
     tokens = llama.generate(prompt, reset=True, **sampling.for_llama())
     try:
         for token in tokens:
@@ -179,6 +200,7 @@ def generate(
         raise
     finally:
         tokens.close()
+        undo()
         stats.finish_reason = reason or "length"
         if first is not None:
             stats.generation_seconds = time.perf_counter() - first

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.messages import BaseMessage
 
@@ -43,8 +44,14 @@ class SessionKvCache:
         # request, another chatbot on the same model) means the memory holds something else.
         self._live: tuple[str, int] | None = None
 
-    def restore(self, session_id: str, prompt: Sequence[BaseMessage]) -> int:
-        """Before a turn: load the session's saved state if it saves reading the prompt; returns
+    def restore(
+        self,
+        session_id: str,
+        prompt: Sequence[BaseMessage],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> int:
+        """Before a turn: load the session's saved state if it saves reading the prompt (with
+        ``tools``, OpenAI-shaped specs, in it when the turn binds them); returns
         the tokens restored (0 when the model's memory already holds this session, or when no
         usable state exists)."""
         expected = self.model.generation_count + 1
@@ -54,7 +61,7 @@ class SessionKvCache:
             return 0
         self.wait()
         path = self.store.kv_state_path(session_id)
-        restored = kv_state.restore_state(self.model, path, self.model.prompt_ids(prompt))
+        restored = kv_state.restore_state(self.model, path, self.model.prompt_ids(prompt, tools))
         self._live = (session_id, expected)
         return restored
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("localbot.kv_state")
@@ -35,6 +35,20 @@ def model_handle(llama: Any) -> Any:
 def vocab_handle(llama: Any) -> Any:
     """The ``llama_vocab *`` of ``llama``."""
     return llama._model.vocab
+
+
+def replace_sampler(llama: Any, sampler: Any) -> Callable[[], None]:
+    """Make the next ``llama.generate`` sample with ``sampler`` (an object with
+    ``sample(ctx, idx)`` and ``close()``); returns the function that undoes it.
+
+    ``Llama.generate`` builds its sampler with ``self._init_sampler(...)`` when it starts; an
+    instance attribute of that name answers first (llama-cpp-python 0.3.36)."""
+    llama._init_sampler = lambda **_: sampler
+
+    def undo() -> None:
+        llama.__dict__.pop("_init_sampler", None)
+
+    return undo
 
 
 def cached_tokens(llama: Any) -> list[int]:

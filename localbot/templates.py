@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from localbot.builtin_templates import BUILTIN_TEMPLATES, NO_SYSTEM_ROLE
 from localbot.errors import ConfigError, TemplateError
@@ -144,10 +145,13 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         *,
         control_tokens: Collection[str] = (),
+        **extra: Any,
     ) -> str:
         """The prompt text for ``messages`` ({role, content} dicts): what transformers renders
         (after the merges described in the module docstring, when the template needed them)."""
-        pieces = self.pieces(messages, add_generation_prompt, control_tokens=control_tokens)
+        pieces = self.pieces(
+            messages, add_generation_prompt, control_tokens=control_tokens, **extra
+        )
         return "".join(p.text for p in pieces)
 
     def pieces(
@@ -156,18 +160,28 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         *,
         control_tokens: Collection[str] = (),
+        **extra: Any,
     ) -> list[Piece]:
         """Render ``messages`` into pieces. ``control_tokens``: the control-token texts of the
-        vocabulary that occur in the messages (``localbot.prompt_tokens`` finds them); they stay
-        plain text. An empty list renders to no pieces: there is nothing to evaluate."""
+        vocabulary that occur in the messages (``localbot.prompt_tokens`` finds them, in every
+        string of :func:`texts_in`); they stay plain text. An empty list renders to no pieces:
+        there is nothing to evaluate.
+
+        Keys of a message besides role and content (``tool_calls``, ``tool_call_id``, ``name``)
+        reach the template as they are, and ``extra`` are more template variables (``tools``,
+        see ``localbot.tools``); control-token text in any of their strings stays text too."""
         if not messages:
             return []
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        turns = [dict(m) for m in messages]
         if not self.supports_system:
             turns = merge_system(turns)
         markers = _markers(frozenset(control_tokens))
-        marked = [{**m, "content": markers.mark(m["content"])} for m in turns]
-        text = self._render_with_fallbacks(marked, add_generation_prompt)
+        marked = [
+            {k: v if k == "role" else _mark_all(v, markers.mark) for k, v in m.items()}
+            for m in turns
+        ]
+        variables = {k: _mark_all(v, markers.mark) for k, v in extra.items()}
+        text = self._render_with_fallbacks(marked, add_generation_prompt, variables)
         pieces = markers.split_pieces(text)
         if not any(p.text for p in pieces):
             raise TemplateError(
@@ -176,7 +190,9 @@ class ChatTemplate:
             )
         return pieces
 
-    def _render_with_fallbacks(self, turns: list[dict[str, str]], generation: bool) -> str:
+    def _render_with_fallbacks(
+        self, turns: list[dict[str, Any]], generation: bool, extra: dict[str, Any]
+    ) -> str:
         # The template as it is first; then, if it raised, the history reshaped the way strict
         # templates want it: consecutive same-role turns merged (Mistral, Gemma insist on
         # user/assistant alternation), then system text merged too.
@@ -189,7 +205,7 @@ class ChatTemplate:
         first_error: Exception | None = None
         for attempt in attempts:
             try:
-                return self._render(attempt, generation)
+                return self._render(attempt, generation, extra)
             except TemplateError:
                 raise
             except Exception as err:  # raise_exception(), or a template bug on this history
@@ -198,18 +214,22 @@ class ChatTemplate:
             first_error
         )
 
-    def _render(self, turns: list[dict[str, str]], generation: bool) -> str:
+    def _render(
+        self, turns: list[dict[str, Any]], generation: bool, extra: dict[str, Any] | None = None
+    ) -> str:
         # The variables transformers passes: messages, tools, documents, add_generation_prompt
-        # and the tokenizer's special tokens.
-        context = {
+        # and the tokenizer's special tokens (``extra`` gives tools).
+        context: dict[str, Any] = {
             "messages": [dict(m) for m in turns],
             "tools": None,
             "documents": None,
             "add_generation_prompt": generation,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
+            **(extra or {}),
         }
-        chars = self.max_chars + 4 * sum(len(m["content"]) for m in turns)
+        # Tool calls and tool definitions are text the template may show, as messages are.
+        chars = self.max_chars + 4 * sum(len(t) for t in texts_in(turns, extra or {}))
         # Some real templates look back over the history for every message (Gemma 4's: 0.5 s
         # for 600 messages here): the time allowance grows with the square of the history.
         seconds = self.seconds * (1 + (len(turns) / 500) ** 2)
@@ -274,6 +294,26 @@ def _markers(control_tokens: frozenset[str]) -> _Markers:
     alternatives = "|".join(map(re.escape, tokens))
     split = re.compile(f"{MARK_START}({alternatives}){MARK_END}|[{MARK_START}{MARK_END}]")
     return _Markers(re.compile(alternatives), split)
+
+
+def _mark_all(value: Any, mark: Callable[[str], str]) -> Any:
+    """``value`` with ``mark`` applied to every string in it (dict keys too)."""
+    if isinstance(value, str):
+        return mark(value)
+    if isinstance(value, dict):
+        return {_mark_all(k, mark): _mark_all(v, mark) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark_all(v, mark) for v in value]
+    return value
+
+
+def texts_in(messages: Sequence[dict[str, Any]], extra: dict[str, Any]) -> list[str]:
+    """Every string a render of ``messages`` with variables ``extra`` may show: message content,
+    tool-call names and arguments, tool definitions (give them to ``controls_in``)."""
+    found: list[str] = []
+    _mark_all([[v for k, v in m.items() if k != "role"] for m in messages], found.append)
+    _mark_all(list(extra.values()), found.append)
+    return found
 
 
 def _one_line(err: BaseException | None) -> str:

@@ -40,15 +40,29 @@ LAYERS: list[set[str]] = [
         "one_shot",
         "manifest_file",
         "kv_files",
+        "gbnf_rules",
+        "schema_check",
+        "grammar",
+        "grammar_sampler",
+        "tool_format",
+        "tool_parser",
     },
     # 2. templates, the session store, the model manifest
-    {"templates", "prompt_tokens", "template_choice", "sessions", "manifest"},
+    {
+        "templates",
+        "prompt_tokens",
+        "template_choice",
+        "sessions",
+        "manifest",
+        "tools",
+        "structured",
+    },
     # 3. the chat model (LangChain adapter), per-session settings and KV state, fetching models
     {"chat_model", "session_settings", "kv_state", "hub", "fetch"},
     # 4. KV orchestration for the chatbot
     {"kv_sessions"},
     # 5. the chatbot: one turn, top to bottom
-    {"chatbot"},
+    {"chatbot", "tool_loop"},
     # 6. front ends
     {"cli", "repl", "repl_commands", "__main__", "server", "download"},
 ]
