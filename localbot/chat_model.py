@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models import LangSmithParams
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -32,19 +32,19 @@ from langchain_core.messages import (
     convert_to_messages,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import PrivateAttr
 
 from localbot import structured
 from localbot import tools as tools_mod
+from localbot.chat_settings import LlamaCppSettings
+from localbot.chat_tools import ToolsAndSchemas
 from localbot.errors import ConfigError, ContextOverflowError
 from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
-from localbot.grammar import check_grammar
-from localbot.llama_cache import vocab_handle
+from localbot.prompt_builder import PromptBuilder
 from localbot.runtime import load_llama, supports_gpu_offload
 from localbot.template_choice import resolve_template
-from localbot.templates import ChatTemplate, max_chars_for_context, texts_in
+from localbot.templates import ChatTemplate, max_chars_for_context
 from localbot.tool_parser import CallParser
 from localbot.tools import ToolCall
 
@@ -68,7 +68,7 @@ def message_role(message: BaseMessage) -> str:
     return tools_mod.template_role(message)
 
 
-class ChatLlamaCpp(BaseChatModel):
+class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
     """A LangChain chat model over a local GGUF model file, run by llama.cpp.
 
     Example:
@@ -80,57 +80,6 @@ class ChatLlamaCpp(BaseChatModel):
             model.invoke([("system", "Be brief."), ("human", "Hi!")])
     """
 
-    # A misspelt setting is an error, not silently ignored.
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
-
-    model_path: str
-    """Path to the GGUF model file."""
-    n_ctx: int | None = None
-    """Context window in tokens. Default: the model's trained context, capped at 8192."""
-    n_gpu_layers: int | None = None
-    """Layers to offload to the GPU. Default: all when this llama.cpp build can offload, else 0."""
-    n_threads: int | None = None
-    """CPU threads for generation. Default: llama.cpp's choice."""
-    n_batch: int = 512
-    """Prompt tokens evaluated per llama.cpp batch."""
-    temperature: float = 0.8
-    """Sampling temperature; 0 means greedy (deterministic) decoding."""
-    top_p: float = 0.95
-    """Nucleus sampling threshold."""
-    top_k: int = 40
-    """Sample only among the k most likely tokens."""
-    min_p: float = 0.05
-    """Drop tokens less likely than min_p times the most likely one."""
-    repeat_penalty: float = 1.0
-    """Penalty for repeating recent tokens (1.0 = none)."""
-    max_tokens: int | None = 512
-    """Longest reply in tokens; None lets a reply fill the rest of the context."""
-    seed: int | None = None
-    """Random seed for sampling; None picks a fresh one per call."""
-    stop: list[str] | None = None
-    """Stop sequences: generation ends before any of them and they are not returned."""
-    chat_format: str | None = None
-    """Override the chat template: a built-in name (gemma, llama3, chatml, mistral, phi3) or Jinja
-    source. Default: the GGUF's own template, else a built-in chosen from its architecture."""
-    rope_freq_base: float = 0.0
-    """RoPE base frequency; 0 takes the model file's value."""
-    rope_freq_scale: float = 0.0
-    """RoPE frequency scale; 0 takes the model file's value."""
-    swa_full: bool = True
-    """Keep a full-size cache for sliding-window layers (Gemma 3), so the KV cache prefix of an
-    earlier turn can be reused exactly instead of being recomputed."""
-    verbose: bool = False
-    """Let llama.cpp's own log through to stderr."""
-    timeout: float | None = None
-    """Wall-clock limit in seconds for one reply; generation stops there (finish_reason
-    "timeout") and the text so far is returned."""
-    max_retries: int = 0
-    """LangChain's standard parameter; a local model has no transient failures to retry."""
-    streaming: bool = False
-    """Generate through the streaming path even in ``invoke`` (callbacks see every token)."""
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments for ``llama_cpp.Llama``."""
-
     _llama: Any = PrivateAttr(default=None)
     _vocab: Any = PrivateAttr(default=None)
     _info: GGUFInfo | None = PrivateAttr(default=None)
@@ -140,8 +89,10 @@ class ChatLlamaCpp(BaseChatModel):
     _last_stats: TurnStats | None = PrivateAttr(default=None)
     _generations: int = PrivateAttr(default=0)
     _load_seconds: float | None = PrivateAttr(default=None)
-    _piece_cache: dict[tuple[str, bool], tuple[int, ...]] = PrivateAttr(default_factory=dict)
-    _prompt_cache: dict[str, tuple[int, ...]] = PrivateAttr(default_factory=dict)
+    _prompts: PromptBuilder = PrivateAttr()
+
+    def model_post_init(self, __context: Any) -> None:
+        self._prompts = PromptBuilder(self._tokenizer, lambda: self.template, self.model_path)
 
     # ----------------------------------------------------------------- identity
     @property
@@ -295,21 +246,9 @@ class ChatLlamaCpp(BaseChatModel):
         return len(self._tokenizer().tokenize(text.encode(), add_bos=False, special=True)) == 1
 
     # ----------------------------------------------------------------- counting
-    def _tokenize_piece(self, text: str, special: bool) -> tuple[int, ...]:
-        # Template markup and old messages repeat every turn: cache their ids.
-        key = (text, special)
-        ids = self._piece_cache.get(key)
-        if ids is None:
-            tok = self._tokenizer()
-            ids = tuple(tok.tokenize(text.encode("utf-8"), add_bos=False, special=special))
-            if len(self._piece_cache) >= 8192:
-                self._piece_cache.clear()
-            self._piece_cache[key] = ids
-        return ids
-
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` as plain content (no BOS, special-token text stays text)."""
-        return list(self._tokenize_piece(text, False))
+        return list(self._prompts.tokenize_piece(text, False))
 
     def get_num_tokens(self, text: str) -> int:
         return len(self.get_token_ids(text))
@@ -334,53 +273,12 @@ class ChatLlamaCpp(BaseChatModel):
         ``tools`` (OpenAI-shaped specs, see ``localbot.tools.tool_specs``) when given.
 
         Messages may be given in any form ``invoke`` takes (``("human", "hi")`` tuples, dicts)."""
-        # A turn asks for the same prompt three times (trim count, KV restore, generation):
-        # render and tokenize it once.
-        converted = convert_to_messages(messages)
-        key = tools_mod.cache_key(converted, tools)  # tool calls and ids are in the key
-        ids = self._prompt_cache.get(key)
-        if ids is None:
-            ids = tuple(self._render_ids(converted, tools))
-            if len(self._prompt_cache) >= 8:
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[key] = ids
-        return list(ids)
+        return self._prompts.prompt_ids(convert_to_messages(messages), tools)
 
-    def _render_ids(
-        self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None
-    ) -> list[int]:
-        if not messages:
-            # Nothing to evaluate, so nothing to count. An empty list is never rendered: most real
-            # templates read messages[0] and raise, and LangChain's trim_messages (a binary
-            # search over prefixes) may ask for it.
-            return []
-        from localbot.prompt_tokens import encode, special_tokens
-
-        specials = special_tokens(self._tokenizer(), self.model_path)
-        # Roles, tool calls and tool definitions are laid out by localbot.tools.
-        turns, extra = tools_mod.prompt_turns(self.template, messages, tools)
-        controls = specials.controls_in(texts_in(turns, extra))
-        pieces = self.template.pieces(
-            turns, add_generation_prompt=True, control_tokens=controls, **extra
-        )
-        # Tokenized like llama.cpp tokenizes the whole rendered prompt (special tokens parsed),
-        # except control-token text typed in a message, tool call or tool definition, which
-        # stays text.
-        ids = encode(pieces, specials, self._tokenize_piece)
-        bos = self._bos_to_add()
-        if bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        return ids
-
-    def _bos_to_add(self) -> int | None:
-        """The BOS id when the model wants one at the start of every prompt, else None."""
-        import llama_cpp
-
-        tok = self._tokenizer()
-        if not llama_cpp.llama_vocab_get_add_bos(vocab_handle(tok)):
-            return None
-        bos = tok.token_bos()
-        return bos if bos >= 0 else None
+    def clear_prompt_cache(self) -> None:
+        """Forget the prompts already tokenized (they are cached: a turn asks for its prompt
+        several times)."""
+        self._prompts.clear()
 
     # ----------------------------------------------------------------- generation
     @contextlib.contextmanager
@@ -444,21 +342,6 @@ class ChatLlamaCpp(BaseChatModel):
                 grammar=grammar,
             )
 
-    def _result_metadata(self, stats: TurnStats) -> tuple[dict[str, Any], dict[str, Any]]:
-        usage = {
-            "input_tokens": stats.prompt_tokens,
-            "output_tokens": stats.output_tokens,
-            "total_tokens": stats.prompt_tokens + stats.output_tokens,
-            "input_token_details": {"cache_read": stats.cached_tokens},
-        }
-        response = {
-            "model_name": self.model_name,
-            "model_provider": "llamacpp",
-            "finish_reason": stats.finish_reason,
-            "timings": stats.as_dict(),
-        }
-        return usage, response
-
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -517,63 +400,14 @@ class ChatLlamaCpp(BaseChatModel):
         if parser:
             for message in tools_mod.stream_chunks(parser.finish()):
                 yield ChatGenerationChunk(message=message)
-        usage, response = self._result_metadata(self._last_stats or TurnStats())
+        stats = self._last_stats or TurnStats()
+        usage, response = stats.usage(), stats.response(self.model_name)
         if parser and parser.calls and response["finish_reason"] == "stop":
             response["finish_reason"] = "tool_calls"
         last = AIMessageChunk(
             content="", usage_metadata=usage, response_metadata=response, chunk_position="last"
         )
         yield ChatGenerationChunk(message=last)
-
-    # ----------------------------------------------------------------- tools, schemas
-    def _tool_call(self, kwargs: dict[str, Any]) -> ToolCall | None:
-        tools = kwargs.get("tools")
-        specs = tools_mod.tool_specs(tools) if tools else None
-        parallel = kwargs.get("parallel_tool_calls")
-        return tools_mod.plan(self.template, specs, kwargs.get("tool_choice"), parallel)
-
-    def bind_tools(
-        self,
-        tools: Sequence[Any],
-        *,
-        tool_choice: str | dict | bool | None = None,
-        parallel_tool_calls: bool = False,
-        **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools (``@tool`` functions, ``BaseTool``s, Pydantic classes, TypedDicts, OpenAI
-        dicts). ``tool_choice``: "auto" (default: text or a call), "any"/"required" (a call),
-        "none", or a tool name. Sampling follows a grammar, so calls are always well-formed
-        JSON matching the tool's arguments schema; a schema the grammar cannot enforce is a
-        ConfigError here. ``parallel_tool_calls=True`` allows several calls in one reply where
-        the chat template can show them (off by default: small models repeat a call)."""
-        specs = tools_mod.tool_specs(tools)
-        call = tools_mod.plan(self.template, specs, tool_choice, parallel_tool_calls)
-        if call is not None:
-            self.check_grammar(call.grammar)
-        return super().bind(
-            tools=specs, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **kwargs
-        )
-
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ConfigError now if llama.cpp's parser rejects ``grammar`` (GBNF)."""
-        check_grammar(grammar, vocab_handle(self._tokenizer()))
-
-    def with_structured_output(
-        self,
-        schema: dict | type,
-        *,
-        include_raw: bool = False,
-        method: str = "json_schema",
-        **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
-        """Replies parsed into ``schema`` (a Pydantic class, TypedDict or JSON schema dict).
-
-        ``method``: "json_schema" (default; sampling follows a grammar built from the schema),
-        "json_mode" (any JSON object) or "function_calling" (a forced tool call). See
-        ``localbot.structured``."""
-        return structured.with_structured_output(
-            self, schema, method=method, include_raw=include_raw, **kwargs
-        )
 
 
 __all__ = ["MAX_DEFAULT_CTX", "ChatLlamaCpp", "TurnStats"]

@@ -41,6 +41,24 @@ class TurnStats:
         n, t = self.output_tokens - 1, self.generation_seconds
         return n / t if n > 0 and t > 0 else 0.0
 
+    def usage(self) -> dict[str, Any]:
+        """LangChain's ``usage_metadata`` for this reply."""
+        return {
+            "input_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.prompt_tokens + self.output_tokens,
+            "input_token_details": {"cache_read": self.cached_tokens},
+        }
+
+    def response(self, model_name: str) -> dict[str, Any]:
+        """LangChain's ``response_metadata`` for this reply."""
+        return {
+            "model_name": model_name,
+            "model_provider": "llamacpp",
+            "finish_reason": self.finish_reason,
+            "timings": self.as_dict(),
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,

@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
         "reply_view",
         "system_prompt",
         "turn_timings",
+        "chat_settings",
     },
     # 1. one job each, over the primitives
     {
@@ -58,7 +59,7 @@ LAYERS: list[set[str]] = [
         "structured",
     },
     # 3. the chat model (LangChain adapter), per-session settings and KV state, fetching models
-    {"chat_model", "session_settings", "kv_state", "hub", "fetch"},
+    {"chat_model", "chat_tools", "prompt_builder", "session_settings", "kv_state", "hub", "fetch"},
     # 4. KV orchestration for the chatbot
     {"kv_sessions"},
     # 5. the chatbot: one turn, top to bottom
