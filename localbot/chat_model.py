@@ -19,11 +19,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import LangSmithParams
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -93,42 +91,6 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
 
     def model_post_init(self, __context: Any) -> None:
         self._prompts = PromptBuilder(self._tokenizer, lambda: self.template, self.model_path)
-
-    # ----------------------------------------------------------------- identity
-    @property
-    def _llm_type(self) -> str:
-        return "localbot-llamacpp"
-
-    @property
-    def model_name(self) -> str:
-        return Path(self.model_path).name
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_path": self.model_path,
-            "n_ctx": self.n_ctx,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "max_tokens": self.max_tokens,
-            "chat_format": self.chat_format,
-        }
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(
-            ls_provider="llamacpp",
-            ls_model_name=self.model_name,
-            ls_model_type="chat",
-            ls_temperature=kwargs.get("temperature", self.temperature),
-        )
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        if max_tokens is not None:
-            params["ls_max_tokens"] = max_tokens
-        stops = stop or self.stop
-        if stops:
-            params["ls_stop"] = stops
-        return params
 
     # ----------------------------------------------------------------- loading
     @property

@@ -1,16 +1,18 @@
-"""The settings of ``ChatLlamaCpp``, declared once with what each means (LangChain shows them,
-pydantic checks them: a misspelt setting is an error, not silently ignored)."""
+"""The settings of ``ChatLlamaCpp``, declared once with what each means (pydantic checks them: a
+misspelt setting is an error, not silently ignored), and the model's identity for LangChain."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LangSmithParams
 from pydantic import ConfigDict, Field
 
 
 class LlamaCppSettings(BaseChatModel):
-    """The fields of ``localbot.ChatLlamaCpp`` (see there)."""
+    """The fields of ``localbot.ChatLlamaCpp`` (see there), and what LangChain reads from them
+    to name and trace the model."""
 
     # A misspelt setting is an error, not silently ignored.
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
@@ -62,3 +64,39 @@ class LlamaCppSettings(BaseChatModel):
     """Generate through the streaming path even in ``invoke`` (callbacks see every token)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for ``llama_cpp.Llama``."""
+
+    # ----------------------------------------------------------------- identity (LangChain's)
+    @property
+    def _llm_type(self) -> str:
+        return "localbot-llamacpp"
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model_path).name
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "n_ctx": self.n_ctx,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+            "chat_format": self.chat_format,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="llamacpp",
+            ls_model_name=self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = stops
+        return params
