@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
@@ -36,7 +36,7 @@ from langchain_core.runnables.config import (
 )
 
 from localbot.chat_model import ChatLlamaCpp
-from localbot.errors import ConfigError, MissingVariableError
+from localbot.errors import ConfigError, ContextOverflowError, MissingVariableError
 from localbot.kv_sessions import SessionKvCache
 from localbot.sessions import SessionHistory, SessionStore
 from localbot.system_prompt import make_prompt
@@ -303,15 +303,26 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 f"prompt in a {self.model.context_window}-token context: lower --max-tokens or "
                 "raise --ctx"
             )
+        # A message too long for any context (a hostile or pasted-in session file) is never
+        # tokenized: the history starts after it. Tokenizing 200 MB took minutes and gigabytes.
+        skip = 1 + max((i for i, m in enumerate(history) if _beyond(m, budget)), default=-1)
+        if skip and skip == len(history):
+            raise ContextOverflowError(
+                f"the message is {len(history[-1].text):,} characters: far more than the "
+                f"{budget}-token budget can hold; shorten it"
+            )
+        while 0 < skip < len(history) and history[skip].type != "human":
+            skip += 1  # the kept history starts on a human turn
         costs = self.turn_costs(values)
-        return plan_trim(
-            history,
+        plan = plan_trim(
+            history[skip:],
             count_prompt=lambda msgs: self._count(self.prompt_messages(values, msgs)),
             message_cost=lambda m: self.model.get_num_tokens(m.text) + costs.of(m),
             fixed=costs.fixed,
             budget=budget,
             watermark=self.trim_watermark,
         )
+        return replace(plan, start=plan.start + skip)
 
     def check_fits(self, values: Mapping[str, Any] | None = None) -> None:
         """Raise a one-line error now if no turn could ever fit: a reply budget that fills the
@@ -335,6 +346,15 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     def _count(self, messages: Sequence[BaseMessage]) -> int:
         # The tool definitions are part of every prompt.
         return self.model.get_num_tokens_from_messages(messages, tools=self.tool_specs)
+
+
+MAX_CHARS_PER_TOKEN = 1024
+"""No vocabulary has tokens near this long: a text longer than this many characters per token of
+the budget cannot fit, whatever the tokenizer."""
+
+
+def _beyond(message: BaseMessage, budget: int) -> bool:
+    return len(message.text) > budget * MAX_CHARS_PER_TOKEN
 
 
 def _to_message(chunks: Sequence[AIMessageChunk]) -> AIMessage:

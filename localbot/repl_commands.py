@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from langchain_core.messages import HumanMessage
 
-from localbot.chatbot import DEFAULT_SYSTEM_PROMPT, Chatbot
+from localbot.chatbot import DEFAULT_SYSTEM_PROMPT, MAX_CHARS_PER_TOKEN, Chatbot
 from localbot.errors import ContextOverflowError
 from localbot.session_settings import save_settings, session_settings
 from localbot.sessions import validate_session_id
@@ -142,14 +142,17 @@ def cmd_tokens(state: ReplState, arg: str) -> None:
     history = state.history().messages
     values = bot.variables
     n_ctx, budget = bot.model.context_window, bot.prompt_budget()
-    now = bot.model.get_num_tokens_from_messages(bot.prompt_messages(values, history))
     state.say(
         f"context window {n_ctx} tokens = prompt budget {budget} + reply {bot.reply_budget()}"
     )
-    state.say(
-        f"this session: {len(history)} messages, {now} prompt tokens "
-        f"({100 * now / budget:.0f}% of the budget)"
-    )
+    if sum(len(m.text) for m in history) > budget * MAX_CHARS_PER_TOKEN:
+        state.say(f"this session: {len(history)} messages, far more than the budget holds")
+    else:
+        now = bot.model.get_num_tokens_from_messages(bot.prompt_messages(values, history))
+        state.say(
+            f"this session: {len(history)} messages, {now} prompt tokens "
+            f"({100 * now / budget:.0f}% of the budget)"
+        )
     try:
         plan = bot.plan(values, [*history, HumanMessage("")])
     except ContextOverflowError as err:

@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
 from localbot.chat_model import round_context
-from localbot.errors import ConfigError
+from localbot.errors import ConfigError, ContextOverflowError
 from localbot.repl_commands import ReplState, cmd_tokens
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -281,3 +281,34 @@ def test_a_stateless_request_between_turns_does_not_hide_the_saved_state(smol_mo
     model.invoke("Something else entirely, from another client.")
     bot.invoke({"messages": [HumanMessage("And one in Italy?")]}, session())
     assert bot.last_turn.restored_tokens > 30
+
+
+def test_a_message_too_long_for_any_context_is_never_tokenized(
+    smol_model_path, tmp_path, monkeypatch
+):
+    """Issue 13, item 19: a 200 MB single-message session cost 204 s and 7 GB per start, all of
+    it tokenizing a message that could never fit. Now the history starts after it, and the same
+    message sent anew is refused at once; the file keeps it."""
+    from localbot.chatbot import MAX_CHARS_PER_TOKEN
+
+    model = ChatLlamaCpp(model_path=str(smol_model_path), n_ctx=512, temperature=0, max_tokens=4)
+    store = SessionStore(tmp_path)
+    bot = build_chatbot(model, store, None, kv_cache=False)
+    huge = "word " * (bot.prompt_budget() * MAX_CHARS_PER_TOKEN // 5 + 1000)  # ~2.5 MB
+    store.get("s").add_messages([HumanMessage(huge), AIMessage("ok")])
+    calls: list[int] = []  # the length of every text the tokenizer is given
+    prompts = model._prompts
+    original = prompts.tokenize_piece
+    monkeypatch.setattr(
+        prompts,
+        "tokenize_piece",
+        lambda text, special: calls.append(len(text)) or original(text, special),
+    )
+
+    reply = bot.invoke({"messages": [HumanMessage("hello")]}, session())
+    assert reply.usage_metadata["input_tokens"] < 100  # the prompt started after the huge turn
+    assert bot.last_turn.trim_start == 2
+    assert max(calls, default=0) < len(huge)  # never tokenized
+    with pytest.raises(ContextOverflowError, match="far more than the"):
+        bot.invoke({"messages": [HumanMessage(huge)]}, session())
+    assert len(store.get("s").messages) == 4  # the refused message saved nothing
