@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from model_file import CACHE_DIR, gemma_model_file
 
@@ -497,3 +498,19 @@ def _derive_vocab(source: Path, vocab: Vocab) -> bytes:
 
 def _strings_scalar(raw: bytes) -> str:
     return raw[8:].decode()
+
+
+@cache
+def transformers_stub(source: str, bos: str = "<s>", eos: str = "</s>") -> Any:
+    """A transformers tokenizer that only carries ``source`` as its chat template: the reference
+    renderer (``apply_chat_template``) without torch or any download."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    stub = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+        bos_token=bos,
+        eos_token=eos,
+    )
+    stub.chat_template = source
+    return stub

@@ -11,13 +11,19 @@ The templates and vocabularies are listed in ``template_cases.py``.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from template_cases import TEMPLATE_CASES, VOCABS, TemplateCase, smollm2_file, vocab_file
+from template_cases import (
+    TEMPLATE_CASES,
+    VOCABS,
+    TemplateCase,
+    smollm2_file,
+    transformers_stub,
+    vocab_file,
+)
 
 from localbot.chat_model import ChatLlamaCpp, message_role
 from localbot.errors import TemplateError
@@ -96,23 +102,9 @@ def chat_model(case: TemplateCase, vocab: str) -> ChatLlamaCpp:
     return model
 
 
-@functools.cache
-def _stub_tokenizer(bos: str, eos: str, source: str) -> Any:
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    stub = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-        bos_token=bos,
-        eos_token=eos,
-    )
-    stub.chat_template = source
-    return stub
-
-
 def transformers_render(model: ChatLlamaCpp, turns: list[dict[str, str]]) -> str:
-    stub = _stub_tokenizer(
-        model.template.bos_token, model.template.eos_token, model.template.source
+    stub = transformers_stub(
+        model.template.source, model.template.bos_token, model.template.eos_token
     )
     return stub.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
@@ -257,7 +249,7 @@ def test_case_data_says_what_each_template_does(case: TemplateCase) -> None:
     if case.preamble:
         assert case.preamble in alone
         assert case.preamble in model.template.render(system_first)
-    probe = _stub_tokenizer("<BOS-PROBE>", "<EOS-PROBE>", case.source)
+    probe = transformers_stub(case.source, "<BOS-PROBE>", "<EOS-PROBE>")
     rendered = probe.apply_chat_template(
         [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
     )

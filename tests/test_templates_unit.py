@@ -4,11 +4,11 @@ hostile templates, and how pieces become token ids (with a fake tokenizer)."""
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
 import pytest
+from template_cases import transformers_stub
 
 from localbot.builtin_templates import BUILTIN_TEMPLATES
 from localbot.errors import TemplateError
@@ -32,22 +32,10 @@ CHAT = [
 ]
 
 
-@functools.cache
-def _stub(source: str, bos: str = "<s>", eos: str = "</s>") -> Any:
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    stub = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-        bos_token=bos,
-        eos_token=eos,
-    )
-    stub.chat_template = source
-    return stub
-
-
 def transformers_render(source: str, messages: list[dict[str, str]]) -> str:
-    return _stub(source).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return transformers_stub(source).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
 def ours(source: str, messages: list[dict[str, str]] = USER, **kwargs: Any) -> str:
