@@ -34,7 +34,7 @@ class PromptBuilder:
         self._template = template
         self._model_path = model_path
         self._pieces: dict[tuple[str, bool], tuple[int, ...]] = {}
-        self._prompts: dict[str, tuple[int, ...]] = {}
+        self._prompts: dict[Any, tuple[int, ...]] = {}
 
     def clear(self) -> None:
         self._prompts.clear()

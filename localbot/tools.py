@@ -262,20 +262,26 @@ def prompt_pieces(
     )
 
 
-def cache_key(messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None) -> str:
-    """What the prompt depends on, as one string."""
-    parts = [
-        [
-            m.type,
-            getattr(m, "role", ""),
-            m.text,
-            _calls(m),
-            getattr(m, "tool_call_id", ""),
-            getattr(m, "name", "") if isinstance(m, ToolMessage) else "",
-        ]
-        for m in messages
-    ]
-    return json.dumps([parts, tools or []], sort_keys=True, default=str)
+def _message_key(m: BaseMessage) -> tuple[str, ...]:
+    # isinstance, not getattr with a default: a missing attribute on a LangChain message costs
+    # a raised AttributeError, which dominated this key's cost on long histories.
+    if isinstance(m, AIMessage) and m.tool_calls:
+        return (m.type, m.text, json.dumps(m.tool_calls, sort_keys=True, default=str))
+    if isinstance(m, ToolMessage):
+        return (m.type, m.text, m.tool_call_id, m.name or "")
+    if isinstance(m, ChatMessage):
+        return (m.type, m.text, m.role)
+    return (m.type, m.text)
+
+
+def cache_key(
+    messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None
+) -> tuple[tuple[tuple[str, ...], ...], str]:
+    """What the prompt depends on, hashable. Asked several times a turn over the whole history:
+    a plain message costs one small tuple (its strings hash once); only tool calls and tool
+    definitions are serialized."""
+    parts = tuple(_message_key(m) for m in messages)
+    return parts, json.dumps(list(tools), sort_keys=True, default=str) if tools else ""
 
 
 # ----------------------------------------------------------------------------- the reply
