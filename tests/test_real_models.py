@@ -5,6 +5,7 @@ over-trimming with templates that inject a system prompt, context sizes llama.cp
 
 from __future__ import annotations
 
+import io
 import itertools
 import statistics
 from pathlib import Path
@@ -151,23 +152,9 @@ def test_trimming_with_a_template_that_reads_messages_0_never_crashes(smol_model
         bot.invoke({"messages": [HumanMessage(f"turn {i}: " + "more words " * 12)]}, session())
         assert model.last_stats.prompt_tokens <= bot.prompt_budget()
     assert bot.plan({}, store.get("s").messages).start > 0  # it did trim
-    state = ReplState(bot=bot, session="s", out=_Lines())
+    state = ReplState(bot=bot, session="s", out=io.StringIO())
     cmd_tokens(state, "")  # /tokens at a full context
-    assert "next turn" in state.out.text
-
-
-class _Lines:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> None:
-        self.text += text
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
+    assert "next turn" in state.out.getvalue()
 
 
 def test_a_template_default_system_prompt_is_charged_once_not_per_message(smol_model_path):

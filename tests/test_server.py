@@ -4,6 +4,7 @@ SmolLM2 model, compared with the same model run in this process."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import threading
@@ -426,15 +427,15 @@ def test_a_page_turn_streams_and_its_meter_matches_the_repl(server, local_model)
         "Answer in {language}.",
         variables={"language": "French"},
     )
-    out = _Capture()
+    out = io.StringIO()
     cmd_tokens(ReplState(bot=bot, session="meter", out=out), "")
     meter = done["tokens"]
     assert httpx.get(f"{api}/tokens").json() == meter
     assert (
         f"context window {meter['context_window']} tokens = prompt budget "
-        f"{meter['prompt_budget']} + reply {meter['reply_budget']}" in out.text
+        f"{meter['prompt_budget']} + reply {meter['reply_budget']}" in out.getvalue()
     )
-    assert f"{meter['messages']} messages, {meter['prompt_tokens']} prompt tokens" in out.text
+    assert f"{meter['messages']} messages, {meter['prompt_tokens']} prompt tokens" in out.getvalue()
 
 
 def test_stop_saves_the_partial_reply_marked_interrupted_like_ctrl_c(server) -> None:
@@ -573,14 +574,3 @@ def test_a_signal_stops_the_server_cleanly_saving_the_partial_reply(
     assert [m.type for m in saved] == ["human", "ai"]
     assert saved[1].response_metadata["interrupted"] is True
     assert not list((tmp_path / "sessions").glob(".*tmp-*"))
-
-
-class _Capture:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> None:
-        self.text += text
-
-    def flush(self) -> None:
-        pass
