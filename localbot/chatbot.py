@@ -298,11 +298,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         """Where the history will be cut for the next turn, and how full the context is."""
         budget = self.prompt_budget(max_tokens)
         if budget <= 0:
-            raise ConfigError(
-                f"a reply of up to {self.reply_budget(max_tokens)} tokens leaves no room for the "
-                f"prompt in a {self.model.context_window}-token context: lower --max-tokens or "
-                "raise --ctx"
-            )
+            raise self._too_small(max_tokens)
         # A message too long for any context (a hostile or pasted-in session file) is never
         # tokenized: the history starts after it. Tokenizing 200 MB took minutes and gigabytes.
         skip = 1 + max((i for i, m in enumerate(history) if _beyond(m, budget)), default=-1)
@@ -334,13 +330,18 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             needed = self._count(probe)
             if needed <= budget:
                 return
-            what = f"the system prompt and chat template alone take {needed} tokens, and "
-        else:
-            what = ""
-        raise ConfigError(
-            f"the context window of {self.model.context_window} tokens is too small: {what}"
-            f"replies may take up to {self.reply_budget()} tokens; raise --ctx or lower "
-            "--max-tokens"
+            raise self._too_small(None, needed)
+        raise self._too_small(None)
+
+    def _too_small(self, max_tokens: int | None, needed: int | None = None) -> ConfigError:
+        """The one error for a context that cannot hold a turn (at start, and at any turn)."""
+        alone = ""
+        if needed is not None:
+            alone = f"the system prompt and chat template alone take {needed} tokens, and "
+        return ConfigError(
+            f"the context window of {self.model.context_window} tokens is too small: {alone}"
+            f"replies may take up to {self.reply_budget(max_tokens)} tokens; raise --ctx or "
+            "lower --max-tokens"
         )
 
     def _count(self, messages: Sequence[BaseMessage]) -> int:

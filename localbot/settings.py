@@ -32,13 +32,6 @@ MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 """Far past any speed-up; llama.cpp crashes on absurd thread counts."""
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError(value)
-    return number
-
-
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """An int parser accepting ``low..high``; the error names the range."""
 
