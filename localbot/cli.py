@@ -21,6 +21,7 @@ from localbot.errors import (
     ManifestError,
     MissingVariableError,
     Terminated,
+    one_line,
 )
 from localbot.one_shot import OutputError, read_question, read_stdin, run_once, silence_stdout
 
@@ -50,8 +51,14 @@ log = logging.getLogger("localbot")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not usage + traceback-like noise
-        self.exit(2, f"localbot: error: {message} (see --help)\n")
+    """argparse, but a usage error is one line (not the usage block), exit 2. Shared by every
+    localbot command (chat, serve, download)."""
+
+    def error(self, message: str) -> NoReturn:
+        # The message can quote what the user typed: kept to one printable line.
+        self.exit(
+            ConfigError.exit_code, f"localbot: error: {one_line(message, 1000)} (see --help)\n"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from localbot.catalogue import CATALOGUE
+from localbot.cli import OneLineParser
 from localbot.errors import ConfigError, DownloadError, LocalbotError, ManifestError
 from localbot.fetch import fetch, human_size, short_hash
 from localbot.hub import brief, parse_spec
@@ -104,13 +105,8 @@ EXIT_CODES = f"""exit codes:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(ConfigError.exit_code, f"localbot: error: {brief(message)} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m localbot.download",
         description="Download a GGUF model from the Hugging Face Hub into models/, verify its "
         "sha256 against the Hub's, and record it in models/manifest.json.",
