@@ -74,6 +74,8 @@ def assemble_atomically(assemble, target: Path) -> None:
     """Run ``assemble(path)`` into a temp file and rename it into place, so Ctrl-C or a full
     disk half-way never leaves a truncated model that every later start would refuse."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Not atomic.make_temp: that creates the file, and the package's assemble() refuses to write
+    # over an existing one.
     temp = target.with_name(f".{target.name}.part-{os.getpid()}")
     try:
         assemble(temp)
