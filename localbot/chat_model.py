@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -39,6 +39,7 @@ from localbot.chat_tools import ToolsAndSchemas
 from localbot.errors import ConfigError, ContextOverflowError
 from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
+from localbot.llama_cache import prefill_step
 from localbot.prompt_builder import PromptBuilder
 from localbot.runtime import load_llama, supports_gpu_offload
 from localbot.template_choice import resolve_template
@@ -59,6 +60,21 @@ llama-cpp-python sizes its token buffer from the request: the two must agree, so
 def round_context(n_ctx: int) -> int:
     """The context size llama.cpp really gives for a request of ``n_ctx`` tokens."""
     return -(-n_ctx // CTX_BLOCK) * CTX_BLOCK
+
+
+PREFILL_FIRST_CHUNK = 16
+PREFILL_CHUNK_S = 0.05
+"""Background prefill works in chunks of about this many seconds: a turn that arrives waits at
+most that long for the model (the chunk's work is kept)."""
+
+
+def next_chunk(chunk: int, seconds: float, n_batch: int) -> int:
+    """The size of the next prefill chunk, from how long ``chunk`` tokens took: about
+    ``PREFILL_CHUNK_S`` seconds of work, within [1, n_batch]."""
+    if seconds <= 0:
+        return min(n_batch, chunk * 2)
+    wanted = int(chunk * PREFILL_CHUNK_S / seconds)
+    return max(1, min(n_batch, wanted, chunk * 4))
 
 
 def message_role(message: BaseMessage) -> str:
@@ -86,6 +102,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
     _run_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _last_stats: TurnStats | None = PrivateAttr(default=None)
     _generations: int = PrivateAttr(default=0)
+    _waiting: list[int] = PrivateAttr(default_factory=lambda: [0])  # generations waiting
     _load_seconds: float | None = PrivateAttr(default=None)
     _prompts: PromptBuilder = PrivateAttr()
 
@@ -255,6 +272,58 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         with self._run_lock:
             yield llama
 
+    @contextlib.contextmanager
+    def _turn_lock(self) -> Iterator[None]:
+        """The model, for a generation: background prefill (:meth:`prefill`) sees the
+        generation waiting and gives way after its current chunk."""
+        with self._load_lock:
+            self._waiting[0] += 1
+        try:
+            self._run_lock.acquire()
+        finally:
+            with self._load_lock:
+                self._waiting[0] -= 1
+        try:
+            yield
+        finally:
+            self._run_lock.release()
+
+    def prefill(
+        self,
+        ids: Sequence[int],
+        stop: threading.Event | None = None,
+        on_chunk: Callable[[int, float, float], None] | None = None,
+    ) -> int:
+        """Evaluate ``ids``, the start of a prompt to come, into llama.cpp's KV cache ahead of
+        time (from a background thread while the user types), so the turn that sends that
+        prompt only reads what follows. Returns how many of ``ids`` the cache then holds.
+
+        The cache ends up exactly as if the turn had evaluated those tokens itself (same
+        tokens, same batches of positions): replies do not change. Work goes in chunks of at
+        most ~``PREFILL_CHUNK_S`` seconds; between chunks it stops at once when ``stop`` is
+        set or a generation is waiting for the model, or when any generation ran since it
+        started (the cache then holds that generation's prompt). A turn that arrives mid-way
+        keeps every chunk already evaluated. ``on_chunk(held, started, ended)`` is called
+        after each chunk (perf_counter times: for the benchmark's plot, and tests)."""
+        llama = self.load()
+        generations = self._generations
+        chunk, held = PREFILL_FIRST_CHUNK, 0
+        while not (stop is not None and stop.is_set()):
+            if self._waiting[0] or self._generations != generations:
+                break
+            with self._run_lock:
+                if self._generations != generations:
+                    break
+                started = time.perf_counter()
+                held, done = prefill_step(llama, ids, chunk)
+                ended = time.perf_counter()
+            if on_chunk is not None:
+                on_chunk(held, started, ended)
+            if done:
+                break
+            chunk = next_chunk(chunk, ended - started, int(llama.n_batch))
+        return held
+
     def _run(
         self,
         messages: list[BaseMessage],
@@ -290,7 +359,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
             repeat_penalty=kwargs.get("repeat_penalty", self.repeat_penalty),
             seed=kwargs.get("seed", self.seed),
         )
-        with self._run_lock:
+        with self._turn_lock():
             self._generations += 1
             self._last_stats = stats = TurnStats()
             yield from generate(

@@ -23,7 +23,7 @@ interrupted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,6 +38,7 @@ from langchain_core.runnables.config import (
 from localbot.chat_model import ChatLlamaCpp
 from localbot.errors import ConfigError, ContextOverflowError, MissingVariableError
 from localbot.kv_sessions import SessionKvCache
+from localbot.llama_cache import common_prefix
 from localbot.sessions import SessionHistory, SessionStore
 from localbot.system_prompt import make_prompt
 from localbot.tools import tool_specs
@@ -113,6 +114,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self.kv = SessionKvCache(model, store) if kv_cache else None
         self.last_turn = TurnTimings()
         self._turn_costs: tuple[tuple[str, ...], _TurnCosts] | None = None
+        self._reply_budget: int | None = None  # the last turn's max_tokens
 
     def with_settings(
         self, system_prompt: str | None, variables: Mapping[str, Any] | None = None
@@ -189,9 +191,13 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             if saved_human:
                 with clock.step("save_reply"):
                     reply = self._save_reply(history, chunks, outcome)
-                if outcome == "complete" and self.kv:
-                    self.kv.save_in_background(session_id)
+                if self.kv:
+                    self.kv.turn_done(session_id, complete=outcome == "complete")
             clock.stop()
+        if self.kv:
+            # While the user reads and types: get the next turn's prompt ready.
+            self._reply_budget = kwargs.get("max_tokens")
+            self.prepare(session_id, values)
         run.on_chain_end(reply)
 
     def _save_reply(
@@ -232,10 +238,48 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     ) -> AIMessage:
         return _to_message([chunk async for chunk in self.astream(input, config, **kwargs)])
 
-    def wait_for_saves(self) -> None:
-        """Block until background KV-state saves are on disk (call before exiting)."""
+    def prepare(
+        self, session_id: str = DEFAULT_SESSION, variables: Mapping[str, Any] | None = None
+    ) -> None:
+        """Get the model ready for the session's next turn, in the background, while the user
+        reads and types: load its saved KV state, and evaluate the start of its next prompt
+        (for a next message of typical length). After the history's cut point moves, that is the
+        whole kept history, which the next turn would otherwise re-read. Call it when a session
+        is opened, switched to or resumed; each completed turn calls it itself.
+
+        Exact: the next turn's prompt is compared token by token with what the model holds, so
+        replies are what a re-read gives; a message that needs another cut re-reads as before.
+        Needs ``kv_cache``; returns at once."""
         if self.kv:
-            self.kv.wait()
+            values = {**self.variables, **(variables or {})}
+            self.kv.prepare(session_id, lambda: self.next_prefix(session_id, values))
+
+    def next_prefix(self, session_id: str, values: Mapping[str, Any] | None = None) -> list[int]:
+        """The token ids the session's next prompt will start with (everything before the next
+        message), assuming a message of typical length; empty when no turn could be planned."""
+        values = {**self.variables, **(values or {})}
+        try:
+            self.check_variables(values)
+            history = self.store.get(session_id).messages
+            probe = typical_message(history, self.model.get_num_tokens)
+            plan = self.plan(values, [*history, probe], self._reply_budget)
+        except (ConfigError, ContextOverflowError):
+            return []
+        kept = history[plan.start :]
+        first, second = (
+            self.model.prompt_ids(
+                self.prompt_messages(values, [*kept, HumanMessage(text)]), self.tool_specs
+            )
+            for text in ("A", "z")
+        )
+        return first[: common_prefix(first, second)]
+
+    def wait_for_saves(self) -> None:
+        """Stop background work (what it evaluated stays) and write the KV state that is not yet
+        on disk: call before exiting (interpreter exit does it too) or before another process
+        opens the session."""
+        if self.kv:
+            self.kv.close()
 
     def forget(self, session_id: str) -> None:
         """Clear a session's messages and its saved KV state."""
@@ -352,6 +396,18 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
 MAX_CHARS_PER_TOKEN = 1024
 """No vocabulary has tokens near this long: a text longer than this many characters per token of
 the budget cannot fit, whatever the tokenizer."""
+
+
+TYPICAL_TOKENS = 64
+"""A next message's assumed length when the session has no message of the user's yet."""
+
+
+def typical_message(history: Sequence[BaseMessage], count: Callable[[str], int]) -> HumanMessage:
+    """A stand-in for the user's next message: as long as their recent ones (the median of the
+    last eight), in tokens."""
+    sizes = sorted(count(m.text) for m in [m for m in history if m.type == "human"][-8:])
+    tokens = sizes[len(sizes) // 2] if sizes else TYPICAL_TOKENS
+    return HumanMessage(" ".join(["word"] * max(1, tokens)))
 
 
 def _beyond(message: BaseMessage, budget: int) -> bool:

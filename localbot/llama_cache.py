@@ -137,3 +137,38 @@ def clear(llama: Any) -> None:
         llama.reset()
     with contextlib.suppress(Exception):
         llama._ctx.kv_cache_clear()
+
+
+def prefill_step(llama: Any, target: Sequence[int], limit: int) -> tuple[int, bool]:
+    """Bring ``llama``'s KV cache one step closer to holding ``target`` (token ids a coming
+    prompt starts with): keep the cached prefix they share, drop the rest, and evaluate at most
+    ``limit`` more of ``target``. Returns (tokens of ``target`` the cache now holds, whether it
+    holds them all). Call with the model's lock held.
+
+    What the cache holds afterwards is exactly what ``Llama.generate`` would have evaluated for
+    those tokens itself, so a prompt starting with ``target`` reuses it bit for bit.
+    """
+    target = list(target)
+    held = common_prefix(cached_tokens(llama), target)
+    if held < llama.n_tokens:
+        held = _trim_to(llama, held)
+    if held >= len(target):
+        return held, True
+    llama.eval(target[held : held + max(1, limit)])
+    # The logits are those of a prefix, never of the coming prompt: generate must recompute.
+    mark_logits_stale(llama)
+    return llama.n_tokens, llama.n_tokens >= len(target)
+
+
+def _trim_to(llama: Any, keep: int) -> int:
+    """Keep the first ``keep`` cached tokens (the rest of the KV cache is dropped); returns the
+    tokens kept, 0 when the cache cannot be trimmed there safely (recurrent memory, a sliding
+    window with holes) and was cleared."""
+    recurrent = getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)
+    if recurrent or window_problem(llama, keep) is not None:
+        keep = 0
+    if keep == 0 or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+        clear(llama)
+        return 0
+    llama.n_tokens = keep
+    return keep

@@ -1,0 +1,166 @@
+"""Getting the next turn ready while the user types (``Chatbot.prepare``), on the real model.
+
+When the history's cut point moves, the next turn's prompt starts with a kept history the model
+has never read in that position: without preparation the turn re-reads all of it while the user
+waits. ``prepare`` evaluates it in the background. It must be exact (the reply is the one a cold
+re-read gives, greedy), and a turn that arrives before it is done must keep what it evaluated.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from localbot import ChatLlamaCpp, SessionStore, build_chatbot
+from localbot.chat_model import next_chunk
+from localbot.chatbot import Chatbot, typical_message
+
+SESSION = {"configurable": {"session_id": "abc"}}
+TOPICS = ["rivers", "mountains", "deserts", "forests", "islands", "volcanoes", "glaciers"]
+
+
+def _model(path: Path) -> ChatLlamaCpp:
+    return ChatLlamaCpp(model_path=str(path), n_ctx=512, temperature=0, max_tokens=8)
+
+
+def _question(i: int) -> str:
+    topic = TOPICS[i % len(TOPICS)]
+    return f"Question {i}: tell me three short facts about {topic}, and where to see them. " * 2
+
+
+def _chat_until_the_cut_moves(bot: Chatbot) -> HumanMessage:
+    """Chat until the next message would move the history's cut point; return that message
+    (not sent). The turn that just completed started the background preparation."""
+    for i in range(40):
+        message = HumanMessage(_question(i))
+        history = bot.store.get("abc").messages
+        if history and bot.plan({}, [*history, message]).start != bot.last_turn.trim_start:
+            return message
+        bot.invoke({"messages": [message]}, SESSION)
+    raise AssertionError("the cut never moved")
+
+
+def _cold_reply(model_path: Path, store_dir: Path, message: HumanMessage):
+    """The reply a new process gives with no saved state: it re-reads the whole prompt."""
+    cold = build_chatbot(_model(model_path), SessionStore(store_dir), "Be brief.", kv_cache=False)
+    reply = cold.invoke({"messages": [message]}, SESSION)
+    assert cold.model.last_stats.cached_tokens == 0
+    return reply
+
+
+@pytest.mark.model
+def test_the_kept_history_is_read_in_the_background_exactly(test_model_path, tmp_path):
+    bot = build_chatbot(_model(test_model_path), SessionStore(tmp_path / "warm"), "Be brief.")
+    message = _chat_until_the_cut_moves(bot)
+    bot.kv.wait()  # the user takes their time: the background work finishes
+    work, prefix = bot.kv.background, bot.next_prefix("abc")
+    shutil.copytree(tmp_path / "warm", tmp_path / "cold")
+
+    reply = bot.invoke({"messages": [message]}, SESSION)
+
+    stats = bot.model.last_stats
+    assert bot.last_turn.trim_start > 0  # the cut did move
+    assert work.prefilled == len(prefix)
+    # Everything before the new message came from the cache: the kept history was not re-read.
+    assert stats.cached_tokens >= len(prefix) > 100
+    assert stats.evaluated_tokens == stats.prompt_tokens - stats.cached_tokens < 60
+    cold = _cold_reply(test_model_path, tmp_path / "cold", message)
+    assert reply.text == cold.text
+    assert stats.prompt_tokens == cold.usage_metadata["input_tokens"]
+
+
+@pytest.mark.model
+def test_a_turn_arriving_mid_way_keeps_what_the_background_evaluated(test_model_path, tmp_path):
+    bot = build_chatbot(_model(test_model_path), SessionStore(tmp_path / "warm"), "Be brief.")
+    message = _chat_until_the_cut_moves(bot)
+    bot.kv.stop_background()
+    shutil.copytree(tmp_path / "warm", tmp_path / "cold")
+    prefix = bot.next_prefix("abc")
+
+    # Hold the background work after its first chunk; the turn arrives meanwhile.
+    first_chunk, release = threading.Event(), threading.Event()
+    held: list[int] = []
+
+    def pause(tokens: int, _start: float, _end: float) -> None:
+        if not held:
+            held.append(tokens)
+            first_chunk.set()
+            release.wait(30)
+
+    bot.kv.on_chunk = pause
+    bot.prepare("abc")
+    work = bot.kv.background
+    assert first_chunk.wait(30)
+    threading.Timer(1.0, release.set).start()  # the turn has asked the work to stop by then
+    reply = bot.invoke({"messages": [message]}, SESSION)
+
+    stats = bot.model.last_stats
+    assert len(work.chunks) == 1  # it stopped after that chunk
+    assert held[0] < len(prefix)  # mid-way...
+    assert stats.cached_tokens == held[0]  # ...and the turn went on from there
+    assert reply.text == _cold_reply(test_model_path, tmp_path / "cold", message).text
+
+
+@pytest.mark.model
+def test_a_resumed_session_is_made_ready_before_the_first_message(test_model_path, tmp_path):
+    """A new process opens a session whose next turn moves the cut: ``prepare`` restores the
+    saved state and reads the new kept history while the user types."""
+    first = build_chatbot(_model(test_model_path), SessionStore(tmp_path), "Be brief.")
+    message = _chat_until_the_cut_moves(first)
+    first.wait_for_saves()  # the first process exits
+
+    resumed = build_chatbot(_model(test_model_path), SessionStore(tmp_path), "Be brief.")
+    resumed.prepare("abc")
+    resumed.kv.wait()
+    resumed.invoke({"messages": [message]}, SESSION)
+
+    stats = resumed.model.last_stats
+    assert resumed.last_turn.trim_start > 0
+    assert stats.cached_tokens >= len(resumed.next_prefix("abc")) - 60  # all but the new turn
+    assert stats.evaluated_tokens < 60
+
+
+@pytest.mark.model
+def test_background_work_stops_when_the_process_exits(test_model_path, tmp_path):
+    """Exiting mid-preparation neither hangs nor crashes (llama.cpp must not be torn down under
+    a running background thread), and what is not on disk is saved."""
+    script = f"""
+import sys, time
+from langchain_core.messages import HumanMessage
+from localbot import ChatLlamaCpp, SessionStore, build_chatbot
+model = ChatLlamaCpp(model_path={str(test_model_path)!r}, n_ctx=2048, temperature=0, max_tokens=2)
+bot = build_chatbot(model, SessionStore({str(tmp_path)!r}), "Be brief.")
+bot.invoke({{"messages": [HumanMessage("Tell me about rivers. " * 150)]}},
+           {{"configurable": {{"session_id": "abc"}}}})
+model.load().reset()  # the memory is empty: preparing re-reads the whole history
+bot.prepare("abc")
+while not bot.kv.background.chunks:  # exit while it works
+    time.sleep(0.005)
+sys.exit(0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / ".sidecars" / "abc" / "kvstate").is_file()
+
+
+def test_prefill_chunks_aim_at_a_short_pause():
+    assert next_chunk(16, 0.005, 512) == 64  # fast: grows, at most 4x a step
+    assert next_chunk(64, 0.1, 512) == 32  # slow: shrinks to ~50 ms of work
+    assert next_chunk(256, 0.01, 512) == 512  # never past the batch
+    assert next_chunk(1, 10.0, 512) == 1
+
+
+def test_the_next_message_is_assumed_as_long_as_the_recent_ones():
+    history = [HumanMessage("a " * n) for n in (5, 50, 10, 12, 11)]
+    probe = typical_message(history, lambda text: len(text.split()))
+    assert len(probe.text.split()) == 11
+    assert len(typical_message([], lambda text: len(text.split())).text.split()) == 64
