@@ -39,7 +39,7 @@ from localbot.chat_tools import ToolsAndSchemas
 from localbot.errors import ConfigError, ContextOverflowError
 from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
-from localbot.llama_cache import prefill_step
+from localbot.llama_cache import prefill_step, shift_problem
 from localbot.prompt_builder import PromptBuilder
 from localbot.runtime import load_llama, supports_gpu_offload
 from localbot.template_choice import resolve_template
@@ -178,7 +178,17 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
                 self._llama = load_llama(info.path, verbose=self.verbose, **params)
                 self._load_seconds = time.perf_counter() - start
                 self._vocab = None  # the full model tokenizes from now on
+                self._check_context_shift()
             return self._llama
+
+    def _check_context_shift(self) -> None:
+        problem = shift_problem(self._llama, self.swa_full) if self.context_shift else None
+        if problem:
+            self._llama = None
+            raise ConfigError(
+                f"--context-shift cannot be used with {self.model_name}: {problem} (leave it "
+                "off: the history is then re-read exactly)"
+            )
 
     def _tokenizer(self) -> Any:
         """The loaded model if there is one, else a vocabulary-only load (fast, no weights)."""
@@ -315,7 +325,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
                 if self._generations != generations:
                     break
                 started = time.perf_counter()
-                held, done = prefill_step(llama, ids, chunk)
+                held, done = prefill_step(llama, ids, chunk, self.context_shift)
                 ended = time.perf_counter()
             if on_chunk is not None:
                 on_chunk(held, started, ended)
@@ -371,6 +381,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
                 timeout=kwargs.get("timeout", self.timeout),
                 stats=stats,
                 grammar=grammar,
+                context_shift=self.context_shift,
             )
 
     def _generate(

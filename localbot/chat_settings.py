@@ -53,6 +53,12 @@ class LlamaCppSettings(BaseChatModel):
     swa_full: bool = True
     """Keep a full-size cache for sliding-window layers (Gemma 3), so the KV cache prefix of an
     earlier turn can be reused exactly instead of being recomputed."""
+    context_shift: bool = False
+    """When the start of a history is dropped, shift the cached rest into place instead of
+    re-reading it. Instant but approximate (the kept tokens' cache was computed with the dropped
+    ones in view), which is why llama.cpp turned it off by default. Refused (ConfigError at
+    load) where the cache cannot shift: recurrent models, sliding-window attention without
+    ``swa_full``."""
     verbose: bool = False
     """Let llama.cpp's own log through to stderr."""
     timeout: float | None = None

@@ -100,6 +100,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         variables: Mapping[str, Any] | None = None,
         trim_watermark: float = DEFAULT_WATERMARK,
         kv_cache: bool = True,
+        prepare_next: bool = True,
         tools: Sequence[Any] = (),
     ) -> None:
         self.model = model
@@ -112,6 +113,8 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self.variables = dict(variables or {})
         self.trim_watermark = trim_watermark
         self.kv = SessionKvCache(model, store) if kv_cache else None
+        self.prepare_next = prepare_next
+        """Whether a completed turn starts getting the next one ready (:meth:`prepare`)."""
         self.last_turn = TurnTimings()
         self._turn_costs: tuple[tuple[str, ...], _TurnCosts] | None = None
         self._reply_budget: int | None = None  # the last turn's max_tokens
@@ -131,6 +134,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         )
         other.tools, other.tool_specs = self.tools, self.tool_specs
         other.kv = self.kv  # one model memory, one record of what it holds
+        other.prepare_next = self.prepare_next
         other.last_turn = self.last_turn
         return other
 
@@ -194,7 +198,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 if self.kv:
                     self.kv.turn_done(session_id, complete=outcome == "complete")
             clock.stop()
-        if self.kv:
+        if self.kv and self.prepare_next:
             # While the user reads and types: get the next turn's prompt ready.
             self._reply_budget = kwargs.get("max_tokens")
             self.prepare(session_id, values)
@@ -440,6 +444,8 @@ def build_chatbot(
 
     ``options``: ``variables`` (values for the system prompt's ``{names}``), ``trim_watermark``
     (see ``localbot.trimming``), ``kv_cache`` (save/restore llama.cpp's state per session),
+    ``prepare_next`` (after each turn, get the next one ready in the background; needs
+    ``kv_cache``),
     ``tools`` (bound to every turn; ``localbot.tool_loop.run_tool_loop`` runs them).
 
     Example:

@@ -158,6 +158,7 @@ def make_model(config: dict[str, Any], path: Path, bundled: BundledModel | None 
         max_tokens=max_tokens,
         seed=config["seed"],
         chat_format=config["chat_format"],
+        context_shift=config["context_shift"],
         verbose=config["verbose"],
     )
 

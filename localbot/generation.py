@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localbot.grammar_sampler import GrammarSampler, use_sampler
-from localbot.llama_cache import drop_unsafe_cache, reusable_tokens, vocab_handle
+from localbot.llama_cache import drop_unsafe_cache, reusable_tokens, shift_cache, vocab_handle
 
 
 @dataclass
@@ -170,20 +170,24 @@ def generate(
     timeout: float | None = None,
     stats: TurnStats | None = None,
     grammar: str | None = None,
+    context_shift: bool = False,
 ) -> Iterator[str]:
     """Generate a reply to the token ids ``prompt``: yields text pieces (about one token each).
 
     ``stats`` (filled in as it goes, final when the generator ends, however it ends) says how it
     ended: ``stop`` (end of turn or a stop sequence), ``length``, ``timeout``, ``abandoned`` (the
     consumer closed it), ``interrupted`` (Ctrl-C) or ``error``. ``grammar`` (GBNF) constrains
-    sampling (structured output, tool calls; see ``localbot.grammar_sampler``). The caller holds
-    the model.
+    sampling (structured output, tool calls; see ``localbot.grammar_sampler``);
+    ``context_shift`` reuses a cache whose start was dropped, approximately
+    (``localbot.llama_cache.shift_cache``). The caller holds the model.
     """
     import llama_cpp
 
     stats = stats if stats is not None else TurnStats()
     seed = sampling.seed if sampling.seed is not None else random.randint(0, 2**31 - 1)
     llama.set_seed(seed)
+    if context_shift:
+        shift_cache(llama, prompt)
     # With swa_full off, llama.cpp may hold too little of the sliding window to reuse the
     # cached prefix correctly: then read the prompt in full rather than answer wrongly.
     drop_unsafe_cache(llama, prompt)

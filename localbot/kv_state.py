@@ -118,6 +118,8 @@ def _identity(model: ChatLlamaCpp, llama: Any) -> dict[str, Any]:
             json.dumps(getattr(llama, "kv_overrides", None), sort_keys=True, default=repr).encode()
         ),
         "template": {"name": template.name, "sha256": sha256_hex(template.source.encode())},
+        # A shifted cache is approximate: only a process that accepts that may reuse it.
+        "context_shift": bool(model.context_shift),
     }
     return json.loads(json.dumps(identity))
 

@@ -139,16 +139,21 @@ def clear(llama: Any) -> None:
         llama._ctx.kv_cache_clear()
 
 
-def prefill_step(llama: Any, target: Sequence[int], limit: int) -> tuple[int, bool]:
+def prefill_step(
+    llama: Any, target: Sequence[int], limit: int, shift: bool = False
+) -> tuple[int, bool]:
     """Bring ``llama``'s KV cache one step closer to holding ``target`` (token ids a coming
     prompt starts with): keep the cached prefix they share, drop the rest, and evaluate at most
     ``limit`` more of ``target``. Returns (tokens of ``target`` the cache now holds, whether it
     holds them all). Call with the model's lock held.
 
     What the cache holds afterwards is exactly what ``Llama.generate`` would have evaluated for
-    those tokens itself, so a prompt starting with ``target`` reuses it bit for bit.
+    those tokens itself, so a prompt starting with ``target`` reuses it bit for bit (with
+    ``shift``, :func:`shift_cache` runs first: approximate, as it is for the turn).
     """
     target = list(target)
+    if shift:
+        shift_cache(llama, target)
     held = common_prefix(cached_tokens(llama), target)
     if held < llama.n_tokens:
         held = _trim_to(llama, held)
@@ -172,3 +177,57 @@ def _trim_to(llama: Any, keep: int) -> int:
         return 0
     llama.n_tokens = keep
     return keep
+
+
+def shift_problem(llama: Any, swa_full: bool) -> str | None:
+    """Why ``llama``'s KV cache cannot be shifted (``--context-shift``), or None when it can."""
+    import llama_cpp
+
+    if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
+        return "its memory is recurrent: there are no positions to shift"
+    memory = llama_cpp.llama_get_memory(context_handle(llama))
+    if memory is None or not llama_cpp.llama_memory_can_shift(memory):
+        return "llama.cpp cannot shift this model's cache"
+    if int(llama_cpp.llama_model_n_swa(model_handle(llama))) > 0 and not swa_full:
+        # llama.cpp's server refuses it too: the sliding window keeps too little to shift.
+        return "it uses sliding-window attention and swa_full is off"
+    return None
+
+
+MIN_SHIFT_RUN = 16
+"""A shift is worth it only when at least this many cached tokens become reusable."""
+
+
+def shift_cache(llama: Any, prompt_ids: Sequence[int]) -> int:
+    """Approximate reuse after the start of a history was dropped (``--context-shift``): find
+    the longest run of cached tokens, past the part shared with the prompt, that the prompt
+    continues with; remove the cached tokens before that run and shift the run back into
+    place, so the prompt reuses it instead of re-reading it. Returns the tokens removed (0: no
+    such run). Approximate: the shifted tokens' cache was computed with the removed tokens in
+    view. Call with the model's lock held, after checking :func:`shift_problem`."""
+    import llama_cpp
+
+    cached, prompt = cached_tokens(llama), list(prompt_ids)
+    kept = common_prefix(cached, prompt)
+    if kept >= len(cached) or kept >= len(prompt):
+        return 0
+    start, run = 0, 0
+    for k in range(kept + 1, len(cached)):
+        if cached[k] == prompt[kept]:
+            length = common_prefix(cached[k:], prompt[kept:])
+            if length > run:
+                start, run = k, length
+    # Only the start of the history may go: the run must reach (nearly) the end of the cache,
+    # or the cut tokens are not a dropped beginning but, say, text the user pasted twice.
+    if run < MIN_SHIFT_RUN or len(cached) - (start + run) > MIN_SHIFT_RUN:
+        return 0
+    memory = llama_cpp.llama_get_memory(context_handle(llama))
+    end = start + run
+    llama_cpp.llama_memory_seq_rm(memory, 0, end, -1)
+    llama_cpp.llama_memory_seq_rm(memory, 0, kept, start)
+    llama_cpp.llama_memory_seq_add(memory, 0, start, end, kept - start)
+    llama.input_ids[kept : kept + run] = cached[start:end]
+    llama.n_tokens = kept + run
+    mark_logits_stale(llama)
+    log.debug("context shift: removed %d cached tokens, kept %d shifted", start - kept, run)
+    return start - kept

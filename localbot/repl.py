@@ -163,6 +163,7 @@ def run_repl(bot: Chatbot, config: dict[str, Any]) -> int:
     model.load()
     template = model.template_description()  # resolved now: a "no chat template" warning first
     bot.check_fits()
+    bot.prepare(state.session)  # a resumed session gets ready while the user types
     where = "GPU" if model.gpu_layers != 0 else "CPU"
     sys.stderr.write(" " * 60 + "\r")
     count = len(state.history().messages)

@@ -81,6 +81,7 @@ def _switch(state: ReplState, name: str) -> None:
     # Not the previous session's settings: each session has its own, over the flags' defaults.
     state.bot = state.bot.with_settings(system, variables)
     state.session = name
+    state.bot.prepare(name)  # its next turn gets ready while the user types
     state.say(f"session {name!r} ({status})")
 
 
@@ -129,6 +130,7 @@ def cmd_system(state: ReplState, arg: str) -> None:
     # in use stays the one on disk.
     save_settings(bot.store, state.session, {"system": bot.system_prompt, "vars": bot.variables})
     state.bot = bot
+    bot.prepare(state.session)  # the prompt's start changed: read it while the user types
     state.say("system prompt set for this session")
 
 
@@ -187,6 +189,13 @@ def cmd_stats(state: ReplState, arg: str) -> None:
         f"reply {stats.output_tokens} tokens at "
         f"{stats.generation_tokens_per_second:.1f} tok/s ({stats.finish_reason})"
     )
+    work = state.bot.kv.background if state.bot.kv else None
+    if work is not None and work.chunks:
+        seconds = sum(end - start for start, end in work.chunks)
+        state.say(
+            f"next turn: {work.prefilled} tokens of its prompt read in the background "
+            f"({seconds:.2f} s while you typed)"
+        )
     state.say(f"chat template: {state.bot.model.template_description()}")
 
 

@@ -186,6 +186,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="F",
     ),
     Setting(
+        "context_shift",
+        "when old turns are dropped, shift the cached rest of the conversation instead of "
+        "re-reading it: instant on slow machines but APPROXIMATE (replies may differ from an "
+        "exact re-read); refused for models whose cache cannot shift",
+        flag_only=True,
+    ),
+    Setting(
         "no_kv_cache",
         "do not save/restore llama.cpp's KV cache next to the session",
         flag_only=True,

@@ -21,6 +21,7 @@ The reply stream's events are JSON objects with a ``type``: ``queued`` (``ahead`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -32,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 import localbot
 from localbot.chatbot import DEFAULT_SYSTEM_PROMPT
-from localbot.errors import one_line
+from localbot.errors import LocalbotError, one_line
 from localbot.server.app import ServerContext, context, read_json, sse
 from localbot.server.engine import Event, Job
 from localbot.server.openai_request import RequestError
@@ -115,11 +116,14 @@ async def delete_session(request: Request, session: str) -> Response:
 
 @router.get("/sessions/{session}/messages")
 async def read_history(request: Request, session: str) -> dict[str, Any]:
-    store = context(request).bot.store
+    ctx = context(request)
+    store = ctx.bot.store
     validate_session_id(session)
 
     def read() -> dict[str, Any]:
         exists = store.exists(session)
+        if exists:  # the page opened it: its next turn gets ready while the user types
+            _prepare(ctx, session)
         return {
             "id": session,
             "exists": exists,
@@ -158,6 +162,7 @@ async def write_settings(request: Request, session: str) -> dict[str, Any]:
         save_settings(ctx.bot.store, session, {"system": system, "vars": variables})
 
     await run_in_threadpool(check_and_save)
+    await run_in_threadpool(_prepare, ctx, session)  # the prompt's start changed
     return {"system": system, "vars": variables}
 
 
@@ -250,6 +255,13 @@ async def _object(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
+
+
+def _prepare(ctx: ServerContext, session: str) -> None:
+    """Start getting the session's next turn ready in the background (``Chatbot.prepare``);
+    a session whose settings cannot be read is left alone (its turn will say why)."""
+    with contextlib.suppress(LocalbotError):
+        ctx.defaults.bot_for(ctx.bot, session).prepare(session)
 
 
 def _not_busy(ctx: ServerContext, session: str) -> None:
