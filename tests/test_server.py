@@ -152,7 +152,7 @@ def test_a_prompt_that_does_not_fit_is_a_400_with_the_numbers(
     [
         ("logit_bias", {"1": 5}),
         ("n", 2),
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("top_logprobs", 2),
     ],
 )
 def test_an_unsupported_parameter_is_a_400_that_names_it(client, option: str, value) -> None:

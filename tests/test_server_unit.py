@@ -56,16 +56,17 @@ def test_a_plain_request_uses_every_field_it_names() -> None:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({"n": 2}, "n"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "grammar", "grammar": "root ::= x"}}, "response_format"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
         ({"temperature": 3}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages[0].name"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

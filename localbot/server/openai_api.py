@@ -8,6 +8,9 @@ trims, saves both turns and reuses the KV cache, as the REPL does.
 Before the reply starts (and so before any 200), the prompt is counted exactly: one that does not
 fit is a 400 with the numbers. Replies wait their turn for the model; a streamed one says how many
 requests are ahead (``X-Queue-Position`` header, and a ``: queued`` comment first when any are).
+
+Tools and JSON replies (``tools``, ``tool_choice``, ``response_format``) are read and written in
+OpenAI's shapes by ``localbot.server.openai_tools``; the chat model does the work.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from langchain_core.messages import BaseMessage
 
 from localbot.chat_model import TurnStats
-from localbot.errors import LocalbotError, one_line
+from localbot.errors import ConfigError, LocalbotError, one_line
 from localbot.server.app import (
     ServerContext,
     abandon_on_disconnect,
@@ -33,6 +36,7 @@ from localbot.server.app import (
 )
 from localbot.server.engine import Event, Job
 from localbot.server.openai_request import CompletionRequest, RequestError, parse_request
+from localbot.server.openai_tools import CallsOut
 from localbot.server.turns import check_turn
 from localbot.sessions import validate_session_id
 
@@ -87,15 +91,22 @@ async def chat_completions(request: Request) -> Response:
 # ---------------------------------------------------------------------- jobs
 async def _stateless_job(ctx: ServerContext, req: CompletionRequest) -> Job:
     model = ctx.bot.model
-    options = dict(req.sampling)
+    options = {**req.sampling, **req.shape.model_options()}
     if req.max_tokens is not None:
         options["max_tokens"] = req.max_tokens
     reply_tokens = req.max_tokens or model.max_tokens
 
-    def count() -> int:
-        return model.get_num_tokens_from_messages(req.messages)
+    def check_and_count() -> int:
+        grammar = req.shape.grammar(model.template)
+        if grammar is not None:
+            try:
+                model.check_grammar(grammar)  # llama.cpp's parser, before any 200
+            except ConfigError as err:
+                where = "tools" if req.shape.tools else "response_format"
+                raise RequestError(str(err), where, "invalid_json_schema") from err
+        return model.get_num_tokens_from_messages(req.messages, tools=req.shape.tools or None)
 
-    prompt_tokens = await ctx.engine.call(count)
+    prompt_tokens = await ctx.engine.call(check_and_count)
     window = model.context_window
     if reply_tokens is None:
         reply_tokens = max(0, window - prompt_tokens)
@@ -118,7 +129,7 @@ async def _stateless_job(ctx: ServerContext, req: CompletionRequest) -> Job:
 
 
 async def _session_job(ctx: ServerContext, req: CompletionRequest, session: str) -> Job:
-    new = _new_messages(req.messages)
+    new = _new_messages(req)
     options = dict(req.sampling)
     if req.max_tokens is not None:
         options["max_tokens"] = req.max_tokens
@@ -140,8 +151,20 @@ async def _session_job(ctx: ServerContext, req: CompletionRequest, session: str)
     return Job(begin=begin, finish=finish, session=session)
 
 
-def _new_messages(messages: list[BaseMessage]) -> list[BaseMessage]:
+def _new_messages(req: CompletionRequest) -> list[BaseMessage]:
+    messages = req.messages
+    if req.shape.constrained:
+        raise RequestError(
+            "tools and response_format are for stateless requests: send the whole conversation "
+            "without X-Localbot-Session",
+            "tools" if req.shape.tools else "response_format",
+        )
     for i, message in enumerate(messages):
+        if message.type == "tool" or getattr(message, "tool_calls", None):
+            raise RequestError(
+                "with X-Localbot-Session, messages cannot carry tool calls or results",
+                f"messages[{i}]",
+            )
         if message.type == "system":
             raise RequestError(
                 "with X-Localbot-Session the session's own system prompt applies: set it with "
@@ -168,6 +191,7 @@ class _Reply:
         self.created = int(time.time())
         self.model_id = model_id
         self.req = req
+        self.calls = CallsOut()
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {
@@ -196,8 +220,13 @@ class _Reply:
         usage_field = {"usage": None} if self.req.include_usage else {}
         if event.kind == "start":
             return sse(self._chunk({"role": "assistant", "content": ""}, None, usage_field))
-        if event.kind == "chunk" and event.data.text:
-            return sse(self._chunk({"content": event.data.text}, None, usage_field))
+        if event.kind == "chunk":
+            out = b""
+            if event.data.text:
+                out = sse(self._chunk({"content": event.data.text}, None, usage_field))
+            if deltas := self.calls.deltas(event.data):
+                out += sse(self._chunk({"tool_calls": deltas}, None, usage_field))
+            return out
         if event.kind == "error":
             return sse(_error_payload(event.data))
         if event.kind == "end":
@@ -218,11 +247,16 @@ class _Reply:
         async for event in job.events():
             if event.kind == "chunk":
                 parts.append(event.data.text)
+                self.calls.deltas(event.data)
             elif event.kind == "error":
                 return _error_payload(event.data)
             elif event.kind == "end":
                 outcome, stats = event.data
-                message = {"role": "assistant", "content": "".join(parts), "refusal": None}
+                text = "".join(parts)
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                if calls := self.calls.message_calls():
+                    # As OpenAI: a reply that only calls tools has null content.
+                    message.update(content=text or None, tool_calls=calls)
                 return {
                     **self._base("chat.completion"),
                     "choices": [
@@ -241,11 +275,10 @@ class _Reply:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
         return {**self._base("chat.completion.chunk"), "choices": [choice], **extra}
 
-    @staticmethod
-    def _finish_reason(outcome: str, stats: TurnStats | None) -> str:
+    def _finish_reason(self, outcome: str, stats: TurnStats | None) -> str:
         if outcome != "complete" or stats is None:
             return "stop"  # stopped from the page: the reply ends here, as the user asked
-        return FINISH_REASONS.get(stats.finish_reason, "stop")
+        return self.calls.finish_reason(FINISH_REASONS.get(stats.finish_reason, "stop"))
 
 
 def _usage(stats: TurnStats | None) -> dict[str, Any]:

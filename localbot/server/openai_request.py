@@ -10,23 +10,12 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from localbot.server.openai_tools import ReplyShape, assistant_calls, read_shape, tool_result
+from localbot.server.request_error import RequestError, short
+
+__all__ = ["CompletionRequest", "RequestError", "parse_request"]
+
 MAX_STOPS = 4  # as OpenAI
-
-
-class RequestError(Exception):
-    """A request we refuse; becomes a 400 (or ``status``) in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        code: str | None = "invalid_request",
-        status: int = 400,
-        **extra: Any,
-    ) -> None:
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-        self.extra = extra
 
 
 @dataclass
@@ -37,6 +26,8 @@ class CompletionRequest:
     max_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     """temperature, top_p, seed, stop: only those the client gave, as ChatLlamaCpp names them."""
+    shape: ReplyShape = field(default_factory=ReplyShape)
+    """Tools and response_format (``localbot.server.openai_tools``)."""
 
 
 # Fields that may be sent with a value that changes nothing here (null always may).
@@ -47,8 +38,6 @@ _HARMLESS = {
     "logprobs": lambda v: v is False,
     "user": lambda v: isinstance(v, str),  # an end-user id for abuse tracking; nothing to do
     "store": lambda v: v is False,
-    "tools": lambda v: v == [],
-    "response_format": lambda v: v == {"type": "text"},
     "service_tier": lambda v: v in ("auto", "default"),
 }
 _USED = {
@@ -62,8 +51,14 @@ _USED = {
     "top_p",
     "seed",
     "stop",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
 }
 _NULL_MESSAGE_FIELDS = {"name", "tool_calls", "function_call", "refusal", "audio", "annotations"}
+_ROLE_FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}}
+"""Message fields used for one role (any other may only be null)."""
 
 
 def parse_request(body: Any, model_ids: set[str]) -> CompletionRequest:
@@ -74,7 +69,7 @@ def parse_request(body: Any, model_ids: set[str]) -> CompletionRequest:
     model = body.get("model")
     if model is not None and model not in model_ids:
         raise RequestError(
-            f"the model '{_short(model)}' is not served here; available: "
+            f"the model '{short(model)}' is not served here; available: "
             + ", ".join(sorted(model_ids)),
             "model",
             "model_not_found",
@@ -85,6 +80,7 @@ def parse_request(body: Any, model_ids: set[str]) -> CompletionRequest:
     request.include_usage = _include_usage(body.get("stream_options"), request.stream)
     request.max_tokens = _max_tokens(body)
     request.sampling = _sampling(body)
+    request.shape = read_shape(body)
     return request
 
 
@@ -98,7 +94,7 @@ def _check_fields(body: dict[str, Any]) -> None:
             raise RequestError(f"unsupported parameter '{key}'", key, "unsupported_parameter")
         if not check(value):
             raise RequestError(
-                f"unsupported value for '{key}': {_short(value)} (localbot supports only the "
+                f"unsupported value for '{key}': {short(value)} (localbot supports only the "
                 "default)",
                 key,
                 "unsupported_value",
@@ -135,30 +131,43 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
 def parse_messages(value: Any) -> list[BaseMessage]:
     if not isinstance(value, list) or not value:
         raise RequestError("messages must be a non-empty list", "messages")
-    return [_message(item, f"messages[{i}]") for i, item in enumerate(value)]
+    messages: list[BaseMessage] = []
+    call_ids: set[str] = set()  # what a tool message may answer
+    for i, item in enumerate(value):
+        message = _message(item, f"messages[{i}]", call_ids)
+        call_ids.update(c["id"] for c in getattr(message, "tool_calls", None) or [])
+        messages.append(message)
+    return messages
 
 
-def _message(item: Any, where: str) -> BaseMessage:
+def _message(item: Any, where: str, call_ids: set[str]) -> BaseMessage:
     if not isinstance(item, dict):
         raise RequestError(f"{where} must be an object with role and content", where)
+    role = item.get("role")
+    used = _ROLE_FIELDS.get(role, set()) if isinstance(role, str) else set()
     for key, value in item.items():
-        if key in ("role", "content"):
+        if key in ("role", "content") or key in used:
             continue
         if key in _NULL_MESSAGE_FIELDS and value in (None, []):
             continue
         raise RequestError(
             f"unsupported field '{key}' in {where}", f"{where}.{key}", "unsupported_parameter"
         )
-    role = item.get("role")
-    text = _content(item.get("content"), f"{where}.content")
+    calls = role == "assistant" and item.get("tool_calls") not in (None, [])
+    # An assistant message that only calls tools has null content, as OpenAI writes it.
+    content = item.get("content")
+    text = "" if calls and content is None else _content(content, f"{where}.content")
     if role in ("system", "developer"):
         return SystemMessage(text)
     if role == "user":
         return HumanMessage(text)
     if role == "assistant":
-        return AIMessage(text)
+        return assistant_calls(item, where, text) if calls else AIMessage(text)
+    if role == "tool":
+        return tool_result(item, where, text, call_ids)
     raise RequestError(
-        f"unsupported role {_short(role)} in {where} (system, developer, user and assistant are)",
+        f"unsupported role {short(role)} in {where} (system, developer, user, assistant and "
+        "tool are)",
         f"{where}.role",
         "unsupported_value",
     )
@@ -173,7 +182,7 @@ def _content(value: Any, where: str) -> str:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise RequestError(
-                    f"unsupported content part {_short(kind)} in {where}[{j}] (only text)",
+                    f"unsupported content part {short(kind)} in {where}[{j}] (only text)",
                     f"{where}[{j}].type",
                     "unsupported_value",
                 )
@@ -228,8 +237,3 @@ def _int(body: dict[str, Any], key: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise RequestError(f"{key} must be an integer from {low} to {high}", key)
     return value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:59] + "…"
