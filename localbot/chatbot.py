@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import (
     ensure_config,
@@ -310,8 +311,11 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             raise MissingVariableError(missing)
 
     # -------------------------------------------------------------- counting
-    def prompt_messages(self, values: Mapping[str, Any], history: Sequence[BaseMessage]):
-        return self.prompt.invoke({**values, "messages": list(history)}).to_messages()
+    def prompt_messages(
+        self, values: Mapping[str, Any], history: Sequence[BaseMessage]
+    ) -> list[BaseMessage]:
+        """The prompt template filled: the system prompt with ``values``, then ``history``."""
+        return self.prompt.format_messages(**values, messages=list(history))
 
     def turn_costs(self, values: Mapping[str, Any]) -> _TurnCosts:
         """Template tokens around the history and around one message of each role, measured in
@@ -421,9 +425,7 @@ def _beyond(message: BaseMessage, budget: int) -> bool:
 def _to_message(chunks: Sequence[AIMessageChunk]) -> AIMessage:
     if not chunks:
         return AIMessage(content="")
-    full = chunks[0]
-    for chunk in chunks[1:]:
-        full = full + chunk
+    full = add_ai_message_chunks(chunks[0], *chunks[1:])  # one merge, not one per chunk
     return AIMessage(
         content=full.content,
         response_metadata=dict(full.response_metadata),

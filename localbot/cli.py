@@ -227,6 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         from localbot.repl import run_repl
 
         return run_repl(bot, config)
+    bot.prepare_next = False  # one question, then exit: no next turn to get ready
     question = read_question(config, stdin_text)
     bot.check_variables(bot.variables)
     bot.model.load()  # before counting tokens, so one tokenizer serves both

@@ -45,7 +45,10 @@ _UTF8 = ("utf-8", "utf-8-sig")
 
 
 def read_session(path: Path) -> tuple[list[dict[str, Any]], list[BaseMessage]]:
-    """The raw entries and the messages in ``path`` (both empty if it does not exist)."""
+    """The raw entries and the messages in ``path`` (both empty if it does not exist).
+
+    The file is read every time (another process may have written it); decoding it is skipped
+    when its bytes equal those last decoded or written here (see :func:`remember`)."""
     try:
         data = read_file(path, max_bytes=MAX_SESSION_BYTES)
     except FileNotFoundError:
@@ -54,12 +57,31 @@ def read_session(path: Path) -> tuple[list[dict[str, Any]], list[BaseMessage]]:
         raise unusable(path, str(err.strerror)) from None
     except OSError as err:
         raise unusable(path, f"cannot be read ({err.strerror or err})") from None
+    known = _decoded.get(str(path))
+    if known is not None and known[0] == data:
+        return list(known[1]), list(known[2])
     entries = _parse(path, data)
     try:
-        return entries, messages_from_dict(entries)
+        messages = messages_from_dict(entries)
     except Exception as err:  # LangChain's loader on foreign data raises anything (AttributeError…)
         reason = f"holds a message LangChain cannot load ({_first_line(err)})"
         raise unusable(path, reason) from None
+    remember(path, data, entries, messages)
+    return list(entries), list(messages)
+
+
+_decoded: dict[str, tuple[bytes, list[dict[str, Any]], list[BaseMessage]]] = {}
+_MAX_DECODED = 16
+
+
+def remember(
+    path: Path, data: bytes, entries: list[dict[str, Any]], messages: list[BaseMessage]
+) -> None:
+    """Record that ``data`` (the exact bytes of ``path``) decodes to ``entries`` and ``messages``:
+    a long session is then not parsed again on every turn (~1 ms per read at 40 messages)."""
+    if len(_decoded) >= _MAX_DECODED:
+        _decoded.pop(next(iter(_decoded), ""), None)
+    _decoded[str(path)] = (data, list(entries), list(messages))
 
 
 def encode_session(entries: list[dict[str, Any]]) -> bytes:
@@ -69,14 +91,22 @@ def encode_session(entries: list[dict[str, Any]]) -> bytes:
     """
     if not entries:
         return b"[]\n"
+    return encode_exactly(entries)[0]
+
+
+def encode_exactly(entries: list[dict[str, Any]]) -> tuple[bytes, bool]:
+    """:func:`encode_session`, and whether the bytes hold ``entries`` exactly (False when
+    surrogates had to be repaired: reading them back gives other strings)."""
+    if not entries:
+        return b"[]\n", True
     lines = (json.dumps(entry, ensure_ascii=False) for entry in entries)
     text = "[\n" + ",\n".join(lines) + "\n]\n"
     try:
-        return text.encode("utf-8")
+        return text.encode("utf-8"), True
     except UnicodeEncodeError:
         # Surrogates in the text (half an emoji split mid-stream) have no UTF-8 form: pair them
         # up where they pair, and write U+FFFD for the lone ones.
-        return repair_surrogates(text).encode("utf-8")
+        return repair_surrogates(text).encode("utf-8"), False
 
 
 def unusable(path: Path, reason: str) -> SessionError:

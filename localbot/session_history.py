@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import BaseMessage, messages_to_dict
+from langchain_core.messages import BaseMessage, messages_from_dict, messages_to_dict
 
-from localbot.session_file import read_session
+from localbot.session_file import read_session, remember
 
 if TYPE_CHECKING:
     from localbot.sessions import SessionStore
@@ -43,7 +43,12 @@ class SessionHistory(BaseChatMessageHistory):
             return
         with self.store.locked(self.session_id):
             path = self._checked_path()
-            self.store.write_entries(path, read_session(path)[0] + new)
+            entries, old = read_session(path)
+            data = self.store.write_entries(path, entries + new)
+            if data is not None:
+                # The next read finds these very bytes: it need not decode them again. The new
+                # messages are loaded from their dicts, as a read would load them.
+                remember(path, data, entries + new, old + messages_from_dict(new))
 
     def add_message(self, message: BaseMessage) -> None:
         self.add_messages([message])

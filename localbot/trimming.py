@@ -26,6 +26,11 @@ DEFAULT_WATERMARK = 0.6
 """After a cut the history fills about this fraction of its budget."""
 
 
+CLEAR_OVERFLOW = 0.1
+"""A history whose estimated size exceeds the budget by more than this fraction is trimmed
+without counting it exactly first (the kept part is always counted exactly)."""
+
+
 @dataclass(frozen=True)
 class TrimPlan:
     """Where the kept history starts, and what that costs."""
@@ -67,15 +72,18 @@ def plan_trim(
     """
     if not 0 < watermark <= 1:
         raise ValueError("watermark must be in (0, 1]")
-    full = count_prompt(history)
-    if full <= budget:
-        return TrimPlan(0, full, budget)
-
-    history_budget = max(1, budget - fixed)
     offsets, total = [], 0
     for message in history:
         offsets.append(total)
         total += message_cost(message)
+    # Counting a prompt exactly renders and tokenizes it (~1 ms at 2,000 tokens): skipped for
+    # the whole history when the estimate says it clearly overflows.
+    if fixed + total <= budget * (1 + CLEAR_OVERFLOW):
+        full = count_prompt(history)
+        if full <= budget:
+            return TrimPlan(0, full, budget)
+
+    history_budget = max(1, budget - fixed)
     step = max(1, math.floor(history_budget * (1 - watermark)))
     q = max(step, math.ceil((total - history_budget) / step) * step)
 
@@ -83,7 +91,8 @@ def plan_trim(
     candidates = [i for i in humans if offsets[i] >= q] or humans[-1:]
     if not candidates:
         raise ContextOverflowError(
-            f"the conversation ({full} tokens) does not fit the {budget}-token budget and has no "
+            f"the conversation (about {fixed + total} tokens) does not fit the {budget}-token "
+            "budget and has no "
             "user turn to start from"
         )
     for start in [i for i in humans if i >= candidates[0]]:

@@ -5,6 +5,10 @@
                                             # a turn adds about one trim step, so localbot
                                             # re-reads often: the targets are for the defaults)
     python scripts/bench.py --restart       # first turn of a resumed session in a new process
+    python scripts/bench.py --think 5       # the user pauses 5 s between a reply and the next
+                                            # message: localbot's background work runs then
+    python scripts/bench.py --no-prepare    # no background work (compare the replies digest)
+    python scripts/bench.py --context-shift # localbot shifts the cache at a cut (approximate)
     python scripts/bench.py --model X.gguf  # any GGUF
 
 Nothing in localbot is wrapped or patched. localbot's step timings are the ones it records itself
@@ -49,25 +53,39 @@ Per turn and system (``turns.csv``):
   ``generate`` (template, tokenizing, callbacks), and the rest.
 * localbot's own ``TurnStats`` (``stats_*``) are recorded too.
 
-localbot saves the KV state in a background thread after each turn; the benchmark waits for it
-between turns (as a user reading the reply would give it time) and reports its duration and size
-(``kv_save_s``, ``kv_save_bytes``, from ``SessionKvCache.last_save``), outside the turn's time.
+Between turns the simulated user reads and types for ``--think`` seconds (default 0). localbot's
+background work runs then (``Chatbot.prepare``: evaluating the start of the next prompt; saving
+the KV state when due); when the next message arrives the work stops at the end of its current
+chunk, and that wait is added to the next turn's TTFT. Raw llama-cpp-python has no background
+work: its turns run after localbot's has stopped, so the two never compete for the CPU. Per turn:
+``bg_prefilled`` / ``bg_s`` (prompt tokens read in the background before the turn, and the time
+it took), ``kv_bytes`` (KV-state bytes written since the previous turn), ``state_bytes`` (the
+state's size after the turn: what saving after every turn would write) and ``session_bytes``
+(the session file written twice per turn). At the end the session is closed as at exit, which
+saves what is not on disk. ``localbot replies sha256`` digests every reply: a ``--no-prepare``
+run must print the same one.
 
 "Trimming starts" is, per system, the first turn whose prompt dropped any history. The table
-gives medians before and from that turn on, totals, and the ratio localbot/raw. ``ttft.png``
-plots TTFT per turn for both with a dashed line where each starts trimming, and the prompt
-tokens each evaluated per turn below it.
+gives medians (and the 90th percentile and worst TTFT) before and from that turn on, totals, and
+the ratio localbot/raw. ``ttft.png`` plots TTFT per turn for both with a dashed line where each
+starts trimming, and below it the prompt tokens each evaluated per turn, with green bars for the
+tokens localbot read in the background before the turn.
 
 The restart scenario (``--restart``, ``bench.restart``)
 -------------------------------------------------------
-localbot builds a session of ~1,500 prompt tokens in this process, then the same new ~100-token
-question is asked of a copy of that session by: this warm process (localbot, the reference), and
-new processes: localbot restoring a saved KV state, localbot with ``kv_cache=False``, and raw
-llama-cpp-python (the last two re-read the whole history). localbot trusts a state file only if
-it is the very file it wrote (a copy is another inode), so this process writes each resumed
-copy's state itself, right after building the session. TTFT is measured after the model is
-loaded (load time is shown apart). Repeated ``--repeats`` times with different questions; medians
-are shown.
+localbot builds two sessions in this process, without background work (so the saved state is the
+last turn's, as when the user quits right after a reply): **same-cut**, ~1,500 prompt tokens,
+whose next question keeps the history's cut; **moved-cut**, built until the next question moves
+the cut (the kept history then starts at a new message, and no saved state covers it). The same
+new ~100-token question is then asked of a copy of each, after a ``--think`` pause (the user
+typing), by: this warm process (localbot, the reference, prepared the same way), and new
+processes: localbot opening the session as the REPL does (``Chatbot.prepare``: restore the saved
+KV state, read the next prompt's start in the background), localbot with ``kv_cache=False``, and
+raw llama-cpp-python (the last two re-read the whole history). localbot trusts a state file only
+if it is the very file it wrote (a copy is another inode), so this process writes each resumed
+copy's state itself, right after building the session. TTFT is measured from the question (after
+the model is loaded and the pause). Repeated ``--repeats`` times with different questions;
+medians are shown.
 
 Timings depend on the machine's load: the output says how much CPU other processes used during the
 run (``bench.machine``). Rerun on a quiet machine before trusting small differences.

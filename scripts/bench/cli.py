@@ -32,6 +32,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     )
     p.add_argument("--repeats", type=int, help="--restart: repetitions (default 3)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 turns, n_ctx 512")
+    p.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds the user pauses between a reply and the next message, during which "
+        "localbot works in the background (default 0; realistic: 5-10)",
+    )
+    p.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="localbot does no background work between turns (to compare replies)",
+    )
+    p.add_argument(
+        "--context-shift",
+        action="store_true",
+        help="localbot shifts the KV cache at a cut instead of re-reading (approximate)",
+    )
     p.add_argument("--_child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = {**DEFAULTS, **(QUICK if args.quick else {})}
@@ -44,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
         threads=args.threads,
         seed=args.seed,
         out=args.out,
+        think=args.think,
+        prepare=not args.no_prepare,
+        context_shift=args.context_shift,
         **chosen,
     )
     return args, settings

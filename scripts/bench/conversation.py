@@ -27,7 +27,9 @@ def run_conversation(s: Settings) -> None:
     header.append(
         f"scenario: {s.turns} turns, user messages ~{s.user_tokens} tokens, replies <= "
         f"{s.max_tokens} tokens, localbot trim watermark {s.watermark}, no system prompt, "
-        "localbot kv_cache on"
+        f"localbot kv_cache on; the user pauses {s.think:g} s between a reply and the next "
+        f"message; localbot background work {'on' if s.prepare else 'off'}"
+        f"{', context shift ON (approximate)' if s.context_shift else ''}"
     )
     print("\n".join(header), flush=True)
     warm_up(llama)
@@ -39,13 +41,16 @@ def run_conversation(s: Settings) -> None:
         lb = LocalbotChat(bot, GenerateProbe(model.load()), SESSION_ID)
         rows: Rows = {"raw": [], "localbot": []}
         for turn, text in enumerate(messages, 1):
+            if turn > 1:
+                lb.pause(s.think)  # the user reads the reply and types the next message
             for system in (raw, lb):
                 row = system.turn(text)
                 row["turn"] = turn
                 row["reply_chars"] = len(row["reply"])
                 rows[system.name].append(row)
             progress(turn, s.turns, rows["raw"][-1], rows["localbot"][-1])
-    report_conversation(s, rows, meter)
+        exit_bytes = lb.finish()
+    report_conversation(s, rows, meter, exit_bytes)
 
 
 def progress(turn: int, turns: int, r: dict[str, Any], b: dict[str, Any]) -> None:
@@ -59,24 +64,28 @@ def progress(turn: int, turns: int, r: dict[str, Any], b: dict[str, Any]) -> Non
     )
 
 
-def report_conversation(s: Settings, rows: Rows, meter: CpuMeter) -> None:
+def report_conversation(s: Settings, rows: Rows, meter: CpuMeter, exit_bytes: int) -> None:
     raw, lb = report.summarize(rows["raw"]), report.summarize(rows["localbot"])
+    disk = report.disk_summary(rows["localbot"], exit_bytes)
     print()
     print(report.conversation_table(raw, lb))
     print()
     print(report.localbot_breakdown(rows["localbot"]))
     print()
+    print(report.disk_table(disk, rows["localbot"]))
+    print()
     print("Targets:")
-    print("\n".join(report.conversation_targets(raw, lb)))
+    print("\n".join(report.conversation_targets(raw, lb, disk)))
     print()
     divergence = report.first_divergence(rows["raw"], rows["localbot"])
-    saved = report.median([r["kv_save_bytes"] for r in rows["localbot"]])
-    saved_mb = None if saved is None else saved / 1e6
     print(f"Notes: {divergence} (expected once trimming")
     print("  starts: the two trim differently). TTFT = turn start to first reply text; overhead =")
     print("  turn wall time minus time inside Llama.generate, split by localbot's own step")
-    print("  timings; the KV-state save runs in the background between turns and is not in the")
-    print(f"  turn time (median state size {report.fmt(saved_mb, 1)} MB).")
+    print("  timings. Background work (reading the next turn's prompt, saving the KV state) runs")
+    print(f"  in the {s.think:g} s pause after each reply and is not in the turn's time, except")
+    print("  the wait for its current chunk to end when the next message arrives.")
+    print(f"  localbot replies sha256: {report.replies_digest(rows['localbot'])} (compare with a")
+    print("  --no-prepare run: background work must not change a reply)")
     print(meter.disturbance())
     s.out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = s.out / "turns.csv", s.out / "ttft.png"
@@ -86,10 +95,12 @@ def report_conversation(s: Settings, rows: Rows, meter: CpuMeter) -> None:
     print(f"per-turn data: {csv_path}")
     title = (
         f"{s.model.name}, n_ctx {s.ctx}, {s.turns} turns of ~{s.user_tokens} tokens, replies <= "
-        f"{s.max_tokens}, watermark {s.watermark}; {cpu_model()}, {os.cpu_count()} cores"
+        f"{s.max_tokens}, watermark {s.watermark}, pause {s.think:g} s"
+        f"{', context shift' if s.context_shift else ''}; {cpu_model()}, {os.cpu_count()} cores"
     )
     if report.plot_ttft(png_path, rows, title):
         print(
             f"plot: {png_path} (TTFT per turn, raw red, localbot blue, dashed lines where each "
-            "starts trimming; below: prompt tokens evaluated per turn)"
+            "starts trimming; below: prompt tokens evaluated per turn, and in green the tokens "
+            "localbot read in the background before the turn)"
         )

@@ -42,6 +42,7 @@ def load_localbot_model(s: Settings, load: bool = True) -> ChatLlamaCpp:
         temperature=0,
         max_tokens=s.max_tokens,
         seed=s.seed,
+        context_shift=s.context_shift,
     )
     if load:
         model.load()
@@ -52,7 +53,12 @@ def make_localbot(
     model: ChatLlamaCpp, sessions: Path, s: Settings, kv_cache: bool = True
 ) -> Chatbot:
     return build_chatbot(
-        model, SessionStore(sessions), None, trim_watermark=s.watermark, kv_cache=kv_cache
+        model,
+        SessionStore(sessions),
+        None,
+        trim_watermark=s.watermark,
+        kv_cache=kv_cache,
+        prepare_next=s.prepare,
     )
 
 
@@ -78,14 +84,31 @@ def steps(timings: TurnTimings, generate_s: float, turn_s: float) -> dict[str, f
 
 
 class LocalbotChat:
-    """One localbot chatbot on one session; ``turn`` streams a message and returns its row."""
+    """One localbot chatbot on one session; ``turn`` streams a message and returns its row.
+
+    Between turns the user reads and types (:meth:`pause`): localbot's background work (getting
+    the next turn ready, saving the KV state when due) runs then, and is reported with the next
+    turn (``bg_*`` columns), outside its time."""
 
     name = "localbot"
 
     def __init__(self, bot: Chatbot, probe: GenerateProbe, session_id: str) -> None:
         self.bot, self.probe, self.session_id = bot, probe, session_id
+        self._stop_wait = 0.0  # waiting for background work to stop: charged to the next turn
+        self._kv_bytes = 0
+
+    def pause(self, seconds: float) -> None:
+        """The user reads and types for ``seconds``; then their message arrives, which stops
+        the background work (at the end of its chunk: that wait is charged to the next turn)."""
+        if seconds > 0:
+            time.sleep(seconds)
+        start = time.perf_counter()
+        if self.bot.kv:
+            self.bot.kv.stop_background()
+        self._stop_wait = time.perf_counter() - start
 
     def turn(self, text: str) -> dict[str, Any]:
+        work = self.bot.kv.background if self.bot.kv else None  # done in the pause before
         self.probe.begin()
         start = time.perf_counter()
         first, parts = None, []
@@ -95,14 +118,14 @@ class LocalbotChat:
                 first = time.perf_counter()
             parts.append(chunk.text)
         end = time.perf_counter()
-        self.bot.wait_for_saves()  # the user reads the reply meanwhile: not part of the turn
-        kv_wait = time.perf_counter() - end
         timings = self.bot.last_turn
         row = self.probe.result(start)
         row = finish_row(row, self.name, start, first, end, "".join(parts), timings.trim_start)
         row.update(steps(timings, row["model_s"], row["turn_s"]))
+        # A message arriving during background work waits for its current chunk to end.
+        for key in ("ttft_s", "turn_s", "overhead_s", "other_s"):
+            row[key] += self._stop_wait
         stats = self.bot.model.last_stats
-        saved = self.bot.kv.last_save if self.bot.kv else None
         row.update(
             own_s=timings.own_seconds,
             chatbot_total_s=timings.total,
@@ -111,8 +134,46 @@ class LocalbotChat:
             stats_gen_tps=stats.generation_tokens_per_second if stats else None,
             stats_finish_reason=stats.finish_reason if stats else None,
             kv_restored=timings.restored_tokens,
-            kv_save_s=saved[0] if saved else None,
-            kv_save_bytes=saved[1] if saved else None,
-            kv_wait_s=kv_wait,
+            bg_stop_wait_s=self._stop_wait,
+            **self._background(work),
+            session_bytes=self._session_bytes(),
+            state_bytes=self._state_bytes(),
         )
         return row
+
+    def _background(self, work: Any) -> dict[str, Any]:
+        """What the background did in the pause before this turn, and KV bytes written since
+        the previous row."""
+        written = self.bot.kv.bytes_written if self.bot.kv else 0
+        kv_bytes, self._kv_bytes = written - self._kv_bytes, written
+        if work is None:
+            return {"bg_prefilled": 0, "bg_s": 0.0, "kv_bytes": kv_bytes}
+        return {
+            "bg_prefilled": work.prefilled,
+            "bg_s": sum(end - start for start, end in work.chunks),
+            "kv_bytes": kv_bytes,
+            "kv_save_s": sum(end - start for start, end, _ in work.saves) or None,
+        }
+
+    def _session_bytes(self) -> int:
+        """Bytes the turn wrote to the session file: it is rewritten whole, twice (the user's
+        message before the reply, then the reply)."""
+        path = self.bot.store.root / f"{self.session_id}.json"
+        return 2 * path.stat().st_size if path.exists() else 0
+
+    def _state_bytes(self) -> int:
+        """The KV state's size now: what saving it after every turn would write."""
+        import llama_cpp
+
+        from localbot.llama_cache import context_handle
+
+        with self.bot.model.exclusive() as llama:
+            return int(llama_cpp.llama_state_get_size(context_handle(llama)))
+
+    def finish(self) -> int:
+        """The session ends (the user quits): what is not on disk is saved; returns the KV
+        bytes that wrote."""
+        self.bot.wait_for_saves()
+        written = self.bot.kv.bytes_written if self.bot.kv else 0
+        kv_bytes, self._kv_bytes = written - self._kv_bytes, written
+        return kv_bytes

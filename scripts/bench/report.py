@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +39,13 @@ CSV_COLUMNS = [
     "own_s",
     "chatbot_total_s",
     "kv_restored",
+    "bg_prefilled",
+    "bg_s",
+    "bg_stop_wait_s",
     "kv_save_s",
-    "kv_save_bytes",
-    "kv_wait_s",
+    "kv_bytes",
+    "state_bytes",
+    "session_bytes",
     "reply_chars",
 ]
 RESTART_COLUMNS = [
@@ -66,10 +72,13 @@ _STEP_LABELS = {
     "session_write_s": "session writes (2 per turn, fsync)",
     "kv_restore_s": "KV-state restore check",
     "adapter_s": "chat model around generate (template, tokens)",
-    "between_s": "between steps (starting the background save)",
+    "between_s": "between steps (starting the background work)",
     "other_s": "other (input checks, chain callbacks)",
     "overhead_s": "total overhead",
-    "kv_save_s": "KV-state save (background, between turns)",
+    "own_s": "localbot's own time in the turn (outside the model call)",
+    "bg_stop_wait_s": "waiting for background work to stop (in TTFT)",
+    "bg_s": "background: reading the next prompt (between turns)",
+    "kv_save_s": "background: KV-state saves (between turns, when due)",
 }
 
 
@@ -79,6 +88,14 @@ _STEP_LABELS = {
 def median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``values``."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -112,6 +129,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_after": ttft_after,
         "ttft_ratio": ttft_after / ttft_before if ttft_after and ttft_before else None,
         "ttft_max_after": max((r["ttft_s"] for r in after), default=None),
+        "ttft_p90_after": percentile([r["ttft_s"] for r in after], 90),
+        "ttft_worst_vs_before": (
+            max(r["ttft_s"] for r in after) / ttft_before if after and ttft_before else None
+        ),
         "prompt_total": sum(r["prompt_tokens"] for r in rows),
         "evaluated_total": sum(r["evaluated_tokens"] for r in rows),
         "reused_total": sum(r["reused_tokens"] for r in rows),
@@ -145,7 +166,9 @@ def conversation_table(raw: dict[str, Any], lb: dict[str, Any]) -> str:
         ("median TTFT before trimming (s)", "ttft_before", 3),
         ("median TTFT after trimming starts (s)", "ttft_after", 3),
         ("  ratio after/before", "ttft_ratio", 2),
+        ("  90th percentile TTFT after trimming starts (s)", "ttft_p90_after", 3),
         ("  worst TTFT after trimming starts (s)", "ttft_max_after", 3),
+        ("  worst after / median before", "ttft_worst_vs_before", 2),
         ("total prompt tokens", "prompt_total", 0),
         ("total prompt tokens evaluated", "evaluated_total", 0),
         ("total prompt tokens reused from cache", "reused_total", 0),
@@ -181,12 +204,71 @@ def localbot_breakdown(rows: list[dict[str, Any]]) -> str:
     return markdown_table(["localbot step", "median ms", "max ms"], body)
 
 
-def conversation_targets(raw: dict[str, Any], lb: dict[str, Any]) -> list[str]:
+def disk_summary(rows: list[dict[str, Any]], exit_bytes: int) -> dict[str, Any]:
+    """What localbot wrote to disk over the conversation: KV states (when due, and at exit)
+    against saving after every turn (the state's size after each turn), and session files."""
+    kv = sum(r["kv_bytes"] for r in rows) + exit_bytes
+    every_turn = sum(r["state_bytes"] for r in rows)
+    turns = len(rows)
+    saves = sum(1 for r in rows if r["kv_bytes"]) + bool(exit_bytes)
+    return {
+        "kv_bytes": kv,
+        "kv_saves": saves,
+        "exit_bytes": exit_bytes,
+        "every_turn_bytes": every_turn,
+        "kv_ratio": kv / every_turn if every_turn else None,
+        "session_bytes": sum(r["session_bytes"] for r in rows),
+        "turns": turns,
+        "own_ms": 1000 * (median([r["own_s"] for r in rows]) or 0.0),
+        "bg_prefilled": sum(r["bg_prefilled"] for r in rows),
+    }
+
+
+def disk_table(disk: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    turns = max(1, disk["turns"])
+    mb = 1e6
+    body = [
+        [
+            "KV states written (MB), when due + at exit",
+            f"{disk['kv_bytes'] / mb:.1f}",
+            f"{disk['kv_bytes'] / turns / mb:.2f}",
+            f"{disk['kv_saves']} saves",
+        ],
+        [
+            "  saving after every turn would write (MB)",
+            f"{disk['every_turn_bytes'] / mb:.1f}",
+            f"{disk['every_turn_bytes'] / turns / mb:.2f}",
+            f"{turns} saves",
+        ],
+        [
+            "session file writes (MB; rewritten whole, twice a turn)",
+            f"{disk['session_bytes'] / mb:.2f}",
+            f"{disk['session_bytes'] / turns / mb:.3f}",
+            "",
+        ],
+        [
+            "prompt tokens read in the background, between turns",
+            str(disk["bg_prefilled"]),
+            f"{disk['bg_prefilled'] / turns:.0f}",
+            f"{sum(1 for r in rows if r['bg_prefilled'])} turns",
+        ],
+    ]
+    return markdown_table(["localbot between turns", "total", "per turn", ""], body)
+
+
+def conversation_targets(
+    raw: dict[str, Any], lb: dict[str, Any], disk: dict[str, Any]
+) -> list[str]:
     tt = lb["ttft_ratio"]
+    worst = lb["ttft_worst_vs_before"]
     ev = lb["evaluated_total"] / raw["evaluated_total"] if raw["evaluated_total"] else None
     gen = lb["gen_tps"] / raw["gen_tps"] if lb["gen_tps"] and raw["gen_tps"] else None
     ov = lb["overhead_pct"]
+    kv = disk["kv_ratio"]
+    own = disk["own_ms"]
     return [
+        f"- localbot worst TTFT after trimming <= 2x the median before (with --think 5): "
+        f"{fmt(worst)}x -> {verdict(None if worst is None else worst <= 2)}",
         f"- localbot median TTFT after/before trimming <= 1.5: {fmt(tt)} -> "
         f"{verdict(None if tt is None else tt <= 1.5)}",
         f"- localbot evaluated prompt tokens <= 1/3 of raw's: {fmt(ev, 3)} of raw's -> "
@@ -195,7 +277,16 @@ def conversation_targets(raw: dict[str, Any], lb: dict[str, Any]) -> list[str]:
         f"{verdict(None if gen is None else gen >= 0.95)}",
         f"- localbot per-turn overhead < 5% of the turn: median {fmt(ov)}% "
         f"(worst {fmt(lb['overhead_pct_max'])}%) -> {verdict(ov < 5)}",
+        f"- KV-state bytes written <= 1/4 of saving after every turn: {fmt(kv, 3)} -> "
+        f"{verdict(None if kv is None else kv <= 0.25)}",
+        f"- localbot's own time per turn <= 5 ms median: {own:.1f} ms -> {verdict(own <= 5)}",
     ]
+
+
+def replies_digest(rows: list[dict[str, Any]]) -> str:
+    """A short hash of every reply in order: equal digests, identical conversations."""
+    digest = hashlib.sha256("\x00".join(r["reply"] for r in rows).encode()).hexdigest()
+    return digest[:16]
 
 
 def first_divergence(raw_rows: list[dict[str, Any]], lb_rows: list[dict[str, Any]]) -> str:
@@ -260,6 +351,16 @@ def plot_ttft(path: Path, by_system: dict[str, list[dict[str, Any]]], title: str
         color = colors.get(system)
         top.plot(turns, [r["ttft_s"] for r in rows], "o-", ms=3, color=color, label=system)
         bottom.plot(turns, [r["evaluated_tokens"] for r in rows], "o-", ms=3, color=color)
+        if any(r.get("bg_prefilled") for r in rows):
+            bottom.bar(
+                turns,
+                [r.get("bg_prefilled", 0) for r in rows],
+                width=0.6,
+                color="tab:green",
+                alpha=0.4,
+                label=f"{system}: read in the background before the turn",
+            )
+            bottom.legend(loc="upper left", fontsize=8)
         trim_turn = summarize(rows)["trim_turn"]
         if trim_turn is not None:
             style = {"color": color, "ls": styles.get(system, "--"), "lw": 1.2}

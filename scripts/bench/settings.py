@@ -57,6 +57,12 @@ class Settings:
     threads: int | None = None
     seed: int = 1234
     out: Path = Path("bench-out")
+    think: float = 0.0
+    """Seconds the simulated user pauses between a reply and the next message."""
+    prepare: bool = True
+    """localbot gets the next turn ready in the background (``Chatbot.prepare``)."""
+    context_shift: bool = False
+    """localbot shifts the cache at a cut instead of re-reading (``--context-shift``)."""
 
     def thread_kwargs(self) -> dict[str, int]:
         """llama.cpp thread settings, the same for both systems (empty: llama.cpp's defaults)."""
