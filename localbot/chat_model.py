@@ -63,9 +63,11 @@ def round_context(n_ctx: int) -> int:
 
 
 PREFILL_FIRST_CHUNK = 16
-PREFILL_CHUNK_S = 0.05
+PREFILL_CHUNK_S = 0.1
 """Background prefill works in chunks of about this many seconds: a turn that arrives waits at
-most that long for the model (the chunk's work is kept)."""
+most that long for the model (the chunk's work is kept, and is the turn's own work when the
+turn's prompt starts as expected). Shorter chunks evaluate slower: on a 2-core CPU, 64-token
+chunks (~85 ms) run at 87% of the speed of 512-token batches, 16-token ones at 60%."""
 
 
 def next_chunk(chunk: int, seconds: float, n_batch: int) -> int:
@@ -302,7 +304,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         self,
         ids: Sequence[int],
         stop: threading.Event | None = None,
-        on_chunk: Callable[[int, float, float], None] | None = None,
+        on_chunk: Callable[[int, int, float, float], None] | None = None,
     ) -> int:
         """Evaluate ``ids``, the start of a prompt to come, into llama.cpp's KV cache ahead of
         time (from a background thread while the user types), so the turn that sends that
@@ -313,7 +315,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         most ~``PREFILL_CHUNK_S`` seconds; between chunks it stops at once when ``stop`` is
         set or a generation is waiting for the model, or when any generation ran since it
         started (the cache then holds that generation's prompt). A turn that arrives mid-way
-        keeps every chunk already evaluated. ``on_chunk(held, started, ended)`` is called
+        keeps every chunk already evaluated. ``on_chunk(held, evaluated, started, ended)`` is called
         after each chunk (perf_counter times: for the benchmark's plot, and tests)."""
         llama = self.load()
         generations = self._generations
@@ -325,10 +327,10 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
                 if self._generations != generations:
                     break
                 started = time.perf_counter()
-                held, done = prefill_step(llama, ids, chunk, self.context_shift)
+                held, done, evaluated = prefill_step(llama, ids, chunk, self.context_shift)
                 ended = time.perf_counter()
             if on_chunk is not None:
-                on_chunk(held, started, ended)
+                on_chunk(held, evaluated, started, ended)
             if done:
                 break
             chunk = next_chunk(chunk, ended - started, int(llama.n_batch))

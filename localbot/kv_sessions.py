@@ -49,6 +49,8 @@ class BackgroundWork:
 
     prefilled: int = 0
     """Tokens of the next prompt the model held when the work stopped."""
+    evaluated: int = 0
+    """Of those, the tokens the work evaluated (the rest were in the cache already)."""
     chunks: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) perf_counter times of each prefill chunk."""
     saves: list[tuple[float, float, int]] = field(default_factory=list)
@@ -81,8 +83,8 @@ class SessionKvCache:
         """(seconds, bytes) of the most recent save."""
         self.background = BackgroundWork()
         """What the background thread did since the last turn."""
-        self.on_chunk: Callable[[int, float, float], None] | None = None
-        """Called after each prefill chunk with (tokens held, start, end): for tests."""
+        self.on_chunk: Callable[[int, int, float, float], None] | None = None
+        """Called after each prefill chunk with (tokens held, evaluated, start, end): tests."""
         # The session the model's memory holds, and the model's generation count then: any
         # other generation since (a stateless request, another chatbot on the same model)
         # means the memory holds something else.
@@ -157,10 +159,11 @@ class SessionKvCache:
             self._switch_to(session_id, ids)
         if ids and not stop.is_set():
 
-            def chunk_done(held: int, started: float, ended: float) -> None:
+            def chunk_done(held: int, evaluated: int, started: float, ended: float) -> None:
                 work.chunks.append((started, ended))
+                work.evaluated += evaluated
                 if self.on_chunk is not None:
-                    self.on_chunk(held, started, ended)
+                    self.on_chunk(held, evaluated, started, ended)
 
             work.prefilled = self.model.prefill(ids, stop, chunk_done)
         work.done.set()

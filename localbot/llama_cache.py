@@ -141,11 +141,11 @@ def clear(llama: Any) -> None:
 
 def prefill_step(
     llama: Any, target: Sequence[int], limit: int, shift: bool = False
-) -> tuple[int, bool]:
+) -> tuple[int, bool, int]:
     """Bring ``llama``'s KV cache one step closer to holding ``target`` (token ids a coming
     prompt starts with): keep the cached prefix they share, drop the rest, and evaluate at most
     ``limit`` more of ``target``. Returns (tokens of ``target`` the cache now holds, whether it
-    holds them all). Call with the model's lock held.
+    holds them all, tokens evaluated). Call with the model's lock held.
 
     What the cache holds afterwards is exactly what ``Llama.generate`` would have evaluated for
     those tokens itself, so a prompt starting with ``target`` reuses it bit for bit (with
@@ -158,11 +158,11 @@ def prefill_step(
     if held < llama.n_tokens:
         held = _trim_to(llama, held)
     if held >= len(target):
-        return held, True
+        return held, True, 0
     llama.eval(target[held : held + max(1, limit)])
     # The logits are those of a prefix, never of the coming prompt: generate must recompute.
     mark_logits_stale(llama)
-    return llama.n_tokens, llama.n_tokens >= len(target)
+    return llama.n_tokens, llama.n_tokens >= len(target), llama.n_tokens - held
 
 
 def _trim_to(llama: Any, keep: int) -> int:

@@ -190,11 +190,11 @@ def cmd_stats(state: ReplState, arg: str) -> None:
         f"{stats.generation_tokens_per_second:.1f} tok/s ({stats.finish_reason})"
     )
     work = state.bot.kv.background if state.bot.kv else None
-    if work is not None and work.chunks:
+    if work is not None and work.evaluated:
         seconds = sum(end - start for start, end in work.chunks)
         state.say(
-            f"next turn: {work.prefilled} tokens of its prompt read in the background "
-            f"({seconds:.2f} s while you typed)"
+            f"next turn: {work.prefilled} tokens of its prompt ready ({work.evaluated} read in "
+            f"the background, {seconds:.2f} s while you typed)"
         )
     state.say(f"chat template: {state.bot.model.template_description()}")
 

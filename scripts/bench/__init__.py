@@ -58,7 +58,7 @@ background work runs then (``Chatbot.prepare``: evaluating the start of the next
 the KV state when due); when the next message arrives the work stops at the end of its current
 chunk, and that wait is added to the next turn's TTFT. Raw llama-cpp-python has no background
 work: its turns run after localbot's has stopped, so the two never compete for the CPU. Per turn:
-``bg_prefilled`` / ``bg_s`` (prompt tokens read in the background before the turn, and the time
+``bg_evaluated`` / ``bg_s`` (prompt tokens read in the background before the turn, and the time
 it took), ``kv_bytes`` (KV-state bytes written since the previous turn), ``state_bytes`` (the
 state's size after the turn: what saving after every turn would write) and ``session_bytes``
 (the session file written twice per turn). At the end the session is closed as at exit, which

@@ -147,9 +147,9 @@ class LocalbotChat:
         written = self.bot.kv.bytes_written if self.bot.kv else 0
         kv_bytes, self._kv_bytes = written - self._kv_bytes, written
         if work is None:
-            return {"bg_prefilled": 0, "bg_s": 0.0, "kv_bytes": kv_bytes}
+            return {"bg_evaluated": 0, "bg_s": 0.0, "kv_bytes": kv_bytes}
         return {
-            "bg_prefilled": work.prefilled,
+            "bg_evaluated": work.evaluated,
             "bg_s": sum(end - start for start, end in work.chunks),
             "kv_bytes": kv_bytes,
             "kv_save_s": sum(end - start for start, end, _ in work.saves) or None,

@@ -39,7 +39,7 @@ CSV_COLUMNS = [
     "own_s",
     "chatbot_total_s",
     "kv_restored",
-    "bg_prefilled",
+    "bg_evaluated",
     "bg_s",
     "bg_stop_wait_s",
     "kv_save_s",
@@ -135,6 +135,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "prompt_total": sum(r["prompt_tokens"] for r in rows),
         "evaluated_total": sum(r["evaluated_tokens"] for r in rows),
+        "background_total": sum(r.get("bg_evaluated", 0) for r in rows),
         "reused_total": sum(r["reused_tokens"] for r in rows),
         "llama_p_eval_total": sum(r["llama_p_eval"] for r in rows),
         "gen_tps": median([r["gen_tps"] for r in rows]),
@@ -170,7 +171,8 @@ def conversation_table(raw: dict[str, Any], lb: dict[str, Any]) -> str:
         ("  worst TTFT after trimming starts (s)", "ttft_max_after", 3),
         ("  worst after / median before", "ttft_worst_vs_before", 2),
         ("total prompt tokens", "prompt_total", 0),
-        ("total prompt tokens evaluated", "evaluated_total", 0),
+        ("total prompt tokens evaluated in turns", "evaluated_total", 0),
+        ("  + evaluated in the background, between turns", "background_total", 0),
         ("total prompt tokens reused from cache", "reused_total", 0),
         ("  llama.cpp batch-decoded prompt tokens", "llama_p_eval_total", 0),
         ("median generation tokens/s", "gen_tps", 1),
@@ -220,7 +222,7 @@ def disk_summary(rows: list[dict[str, Any]], exit_bytes: int) -> dict[str, Any]:
         "session_bytes": sum(r["session_bytes"] for r in rows),
         "turns": turns,
         "own_ms": 1000 * (median([r["own_s"] for r in rows]) or 0.0),
-        "bg_prefilled": sum(r["bg_prefilled"] for r in rows),
+        "bg_evaluated": sum(r["bg_evaluated"] for r in rows),
     }
 
 
@@ -248,9 +250,9 @@ def disk_table(disk: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ],
         [
             "prompt tokens read in the background, between turns",
-            str(disk["bg_prefilled"]),
-            f"{disk['bg_prefilled'] / turns:.0f}",
-            f"{sum(1 for r in rows if r['bg_prefilled'])} turns",
+            str(disk["bg_evaluated"]),
+            f"{disk['bg_evaluated'] / turns:.0f}",
+            f"{sum(1 for r in rows if r['bg_evaluated'])} turns",
         ],
     ]
     return markdown_table(["localbot between turns", "total", "per turn", ""], body)
@@ -351,10 +353,10 @@ def plot_ttft(path: Path, by_system: dict[str, list[dict[str, Any]]], title: str
         color = colors.get(system)
         top.plot(turns, [r["ttft_s"] for r in rows], "o-", ms=3, color=color, label=system)
         bottom.plot(turns, [r["evaluated_tokens"] for r in rows], "o-", ms=3, color=color)
-        if any(r.get("bg_prefilled") for r in rows):
+        if any(r.get("bg_evaluated") for r in rows):
             bottom.bar(
                 turns,
-                [r.get("bg_prefilled", 0) for r in rows],
+                [r.get("bg_evaluated", 0) for r in rows],
                 width=0.6,
                 color="tab:green",
                 alpha=0.4,
