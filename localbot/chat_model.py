@@ -39,7 +39,7 @@ from localbot.chat_tools import ToolsAndSchemas
 from localbot.errors import ConfigError, ContextOverflowError
 from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
-from localbot.llama_cache import prefill_step, shift_problem
+from localbot.llama_cache import cached_tokens, common_prefix, prefill_step, shift_problem
 from localbot.prompt_builder import PromptBuilder
 from localbot.runtime import load_llama, supports_gpu_offload
 from localbot.template_choice import resolve_template
@@ -62,7 +62,14 @@ def round_context(n_ctx: int) -> int:
     return -(-n_ctx // CTX_BLOCK) * CTX_BLOCK
 
 
-PREFILL_FIRST_CHUNK = 16
+PREFILL_GRAIN = 16
+"""Background prefill evaluates whole multiples of this many tokens, and leaves a shorter rest
+to the turn. llama.cpp's CPU kernels round a token's values differently in some batch shapes
+(odd and tiny batches); batches of multiples of 16 matched a turn's own bit for bit in our
+measurements, tiny ones (1-7 tokens) did not."""
+MIN_PREFILL = 64
+"""Less than this many tokens to read: not worth a background batch (the turn reads them with
+its new message, in one batch, as it would without background work)."""
 PREFILL_CHUNK_S = 0.1
 """Background prefill works in chunks of about this many seconds: a turn that arrives waits at
 most that long for the model (the chunk's work is kept, and is the turn's own work when the
@@ -72,11 +79,12 @@ chunks (~85 ms) run at 87% of the speed of 512-token batches, 16-token ones at 6
 
 def next_chunk(chunk: int, seconds: float, n_batch: int) -> int:
     """The size of the next prefill chunk, from how long ``chunk`` tokens took: about
-    ``PREFILL_CHUNK_S`` seconds of work, within [1, n_batch]."""
-    if seconds <= 0:
-        return min(n_batch, chunk * 2)
-    wanted = int(chunk * PREFILL_CHUNK_S / seconds)
-    return max(1, min(n_batch, wanted, chunk * 4))
+    ``PREFILL_CHUNK_S`` seconds of work, a multiple of ``PREFILL_GRAIN`` within
+    [PREFILL_GRAIN, n_batch]."""
+    fitting = int(chunk * PREFILL_CHUNK_S / seconds) if seconds > 0 else chunk * 2
+    wanted = min(fitting, chunk * 4)
+    top = max(PREFILL_GRAIN, n_batch - n_batch % PREFILL_GRAIN)
+    return max(PREFILL_GRAIN, min(top, wanted - wanted % PREFILL_GRAIN))
 
 
 def message_role(message: BaseMessage) -> str:
@@ -105,6 +113,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
     _last_stats: TurnStats | None = PrivateAttr(default=None)
     _generations: int = PrivateAttr(default=0)
     _waiting: list[int] = PrivateAttr(default_factory=lambda: [0])  # generations waiting
+    _before_generation: list[Callable[[], None]] = PrivateAttr(default_factory=list)
     _load_seconds: float | None = PrivateAttr(default=None)
     _prompts: PromptBuilder = PrivateAttr()
 
@@ -300,6 +309,11 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         finally:
             self._run_lock.release()
 
+    def before_generation(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before each generation, in its thread, before it takes the model: a
+        session's KV cache saves what the model holds before another prompt replaces it."""
+        self._before_generation.append(hook)
+
     def prefill(
         self,
         ids: Sequence[int],
@@ -319,7 +333,13 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         after each chunk (perf_counter times: for the benchmark's plot, and tests)."""
         llama = self.load()
         generations = self._generations
-        chunk, held = PREFILL_FIRST_CHUNK, 0
+        chunk, held = PREFILL_GRAIN, 0
+        with self._run_lock:
+            cached = common_prefix(cached_tokens(llama), ids)
+        if len(ids) - cached < MIN_PREFILL and not self.context_shift:
+            return min(cached, len(ids))
+        # Whole grains only: the turn reads the rest (fewer than PREFILL_GRAIN tokens).
+        end = len(ids) - (len(ids) - cached) % PREFILL_GRAIN
         while not (stop is not None and stop.is_set()):
             if self._waiting[0] or self._generations != generations:
                 break
@@ -327,7 +347,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
                 if self._generations != generations:
                     break
                 started = time.perf_counter()
-                held, done, evaluated = prefill_step(llama, ids, chunk, self.context_shift)
+                held, done, evaluated = prefill_step(llama, ids[:end], chunk, self.context_shift)
                 ended = time.perf_counter()
             if on_chunk is not None:
                 on_chunk(held, evaluated, started, ended)
@@ -371,6 +391,8 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
             repeat_penalty=kwargs.get("repeat_penalty", self.repeat_penalty),
             seed=kwargs.get("seed", self.seed),
         )
+        for hook in list(self._before_generation):
+            hook()
         with self._turn_lock():
             self._generations += 1
             self._last_stats = stats = TurnStats()

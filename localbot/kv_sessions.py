@@ -10,7 +10,8 @@ for a session's next turn while the user types, and saving it to disk when that 
   history, which the turn would otherwise re-read while the user waits.
 * **Saving** (~18 KB per token, rewritten whole): not after every turn but when it pays: every
   ``save_every`` turns, when the user has been idle ``idle_save_s`` seconds, before the memory
-  switches to another session, and at exit (:meth:`SessionKvCache.close`). A kill -9 loses at
+  switches to another session or to another prompt (a stateless request on the same model), and
+  at exit (:meth:`SessionKvCache.close`). A kill -9 loses at
   most the turns since the last save, which costs re-reading them on resume, never a wrong
   reply: a saved state records exactly the tokens it holds.
 
@@ -94,6 +95,8 @@ class SessionKvCache:
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one save at a time; guards _unsaved
+        self._turn_thread: int | None = None  # the thread whose turn restore() prepared
+        model.before_generation(self._before_generation)
         _open.add(self)
 
     # ----------------------------------------------------------------- turns
@@ -108,13 +111,26 @@ class SessionKvCache:
         specs, in it when the turn binds them); returns the tokens restored (0 when the model's
         memory already holds this session, or when no usable state exists)."""
         self.stop_background()
+        self._turn_thread = threading.get_ident()  # the generation that follows is this turn's
         if self._holds(session_id):
             return 0
         return self._switch_to(session_id, self.model.prompt_ids(prompt, tools))
 
+    def _before_generation(self) -> None:
+        """Before any generation on the model: one that is not a turn of ours (a stateless
+        request, another chatbot) replaces what the memory holds, so save it first if its file
+        is behind (as at a session switch)."""
+        if self._turn_thread == threading.get_ident():
+            self._turn_thread = None
+            return
+        if self._unsaved:
+            self.stop_background()
+            self.save()
+
     def turn_done(self, session_id: str, complete: bool) -> None:
         """After a turn's generation (``complete``: the reply came whole): the model now holds
         this session, newer than its file."""
+        self._turn_thread = None
         self._live = (session_id, self.model.generation_count)
         if complete:
             with self._lock:

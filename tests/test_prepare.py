@@ -66,10 +66,11 @@ def test_the_kept_history_is_read_in_the_background_exactly(test_model_path, tmp
 
     stats = bot.model.last_stats
     assert bot.last_turn.trim_start > 0  # the cut did move
-    assert work.prefilled == len(prefix)
-    assert 100 < work.evaluated < len(prefix)  # the start (the system prompt) was cached
+    # Whole grains of 16 tokens were read in the background; the turn reads the rest.
+    assert len(prefix) - 16 < work.prefilled <= len(prefix)
+    assert 100 < work.evaluated < work.prefilled  # the start (the system prompt) was cached
     # Everything before the new message came from the cache: the kept history was not re-read.
-    assert stats.cached_tokens >= len(prefix) > 100
+    assert stats.cached_tokens >= work.prefilled > 100
     assert stats.evaluated_tokens == stats.prompt_tokens - stats.cached_tokens < 60
     cold = _cold_reply(test_model_path, tmp_path / "cold", message)
     assert reply.text == cold.text
@@ -157,7 +158,8 @@ def test_prefill_chunks_aim_at_a_short_pause():
     assert next_chunk(16, 0.005, 512) == 64  # fast: grows, at most 4x a step
     assert next_chunk(64, 0.2, 512) == 32  # slow: shrinks to ~100 ms of work
     assert next_chunk(256, 0.01, 512) == 512  # never past the batch
-    assert next_chunk(1, 10.0, 512) == 1
+    assert next_chunk(16, 10.0, 512) == 16  # never below a grain of 16 tokens
+    assert next_chunk(64, 0.15, 512) == 32  # always whole grains (42 -> 32)
 
 
 def test_the_next_message_is_assumed_as_long_as_the_recent_ones():
@@ -165,3 +167,40 @@ def test_the_next_message_is_assumed_as_long_as_the_recent_ones():
     probe = typical_message(history, lambda text: len(text.split()))
     assert len(probe.text.split()) == 11
     assert len(typical_message([], lambda text: len(text.split())).text.split()) == 64
+
+
+@pytest.mark.model
+def test_the_state_is_saved_when_due_not_after_every_turn(smol_model_path, tmp_path):
+    model = ChatLlamaCpp(model_path=str(smol_model_path), n_ctx=1024, temperature=0, max_tokens=4)
+    bot = build_chatbot(model, SessionStore(tmp_path), "Answer briefly.")
+    bot.kv.save_every = 3
+    state = SessionStore(tmp_path).kv_state_path("abc")
+    for question in ("Name a river.", "Name a lake."):
+        bot.invoke({"messages": [HumanMessage(question)]}, SESSION)
+        bot.kv.wait()
+    assert not state.exists()  # two turns: not due yet
+    bot.invoke({"messages": [HumanMessage("Name a sea.")]}, SESSION)
+    bot.kv.wait()
+    bot.invoke({"messages": [HumanMessage("Name a bay.")]}, SESSION)  # the due save runs first
+    bot.kv.wait()
+    assert state.exists()
+    written = bot.kv.bytes_written
+    bot.wait_for_saves()  # exit: the fourth turn is saved too
+    assert bot.kv.bytes_written > written
+
+
+@pytest.mark.model
+def test_a_stateless_request_saves_the_session_it_displaces(smol_model_path, tmp_path):
+    """The server answers stateless requests on the same model between a session's turns: the
+    session's state, not yet due for saving, is saved before the request replaces it, so the
+    next turn restores it instead of re-reading."""
+    model = ChatLlamaCpp(model_path=str(smol_model_path), n_ctx=1024, temperature=0, max_tokens=4)
+    bot = build_chatbot(model, SessionStore(tmp_path), "Answer briefly.")
+    bot.invoke({"messages": [HumanMessage("Name a river in Spain.")]}, SESSION)
+    bot.invoke({"messages": [HumanMessage("And one in France?")]}, SESSION)
+    state = SessionStore(tmp_path).kv_state_path("abc")
+    assert not state.exists()
+    model.invoke("Something else entirely, from another client.")
+    assert state.exists()
+    bot.invoke({"messages": [HumanMessage("And one in Italy?")]}, SESSION)
+    assert bot.last_turn.restored_tokens > 30
