@@ -324,8 +324,10 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         time (from a background thread while the user types), so the turn that sends that
         prompt only reads what follows. Returns how many of ``ids`` the cache then holds.
 
-        The cache ends up exactly as if the turn had evaluated those tokens itself (same
-        tokens, same batches of positions): replies do not change. Work goes in chunks of at
+        The cache holds the very tokens the turn would have evaluated (``Llama.generate``
+        compares them one by one and re-reads any that differ), in whole ``PREFILL_GRAIN``
+        batches and only when at least ``MIN_PREFILL`` are missing (see there: tiny batches
+        round differently). Work goes in chunks of at
         most ~``PREFILL_CHUNK_S`` seconds; between chunks it stops at once when ``stop`` is
         set or a generation is waiting for the model, or when any generation ran since it
         started (the cache then holds that generation's prompt). A turn that arrives mid-way

@@ -147,9 +147,9 @@ def prefill_step(
     ``limit`` more of ``target``. Returns (tokens of ``target`` the cache now holds, whether it
     holds them all, tokens evaluated). Call with the model's lock held.
 
-    What the cache holds afterwards is exactly what ``Llama.generate`` would have evaluated for
-    those tokens itself, so a prompt starting with ``target`` reuses it bit for bit (with
-    ``shift``, :func:`shift_cache` runs first: approximate, as it is for the turn).
+    The cache then holds the tokens ``Llama.generate`` would have evaluated for a prompt starting
+    with ``target``, so such a prompt reuses them (with ``shift``, :func:`shift_cache` runs
+    first: approximate, as it is for the turn).
     """
     target = list(target)
     if shift:
