@@ -39,7 +39,8 @@ from localbot.chat_tools import ToolsAndSchemas
 from localbot.errors import ConfigError, ContextOverflowError
 from localbot.generation import Sampling, TurnStats, generate
 from localbot.gguf_file import GGUFInfo, read_gguf
-from localbot.llama_cache import cached_tokens, common_prefix, prefill_step, shift_problem
+from localbot.llama_cache import shift_problem
+from localbot.prefill import background_prefill
 from localbot.prompt_builder import PromptBuilder
 from localbot.runtime import load_llama, supports_gpu_offload
 from localbot.template_choice import resolve_template
@@ -60,31 +61,6 @@ llama-cpp-python sizes its token buffer from the request: the two must agree, so
 def round_context(n_ctx: int) -> int:
     """The context size llama.cpp really gives for a request of ``n_ctx`` tokens."""
     return -(-n_ctx // CTX_BLOCK) * CTX_BLOCK
-
-
-PREFILL_GRAIN = 16
-"""Background prefill evaluates whole multiples of this many tokens, and leaves a shorter rest
-to the turn. llama.cpp's CPU kernels round a token's values differently in some batch shapes
-(odd and tiny batches); batches of multiples of 16 matched a turn's own bit for bit in our
-measurements, tiny ones (1-7 tokens) did not."""
-MIN_PREFILL = 64
-"""Less than this many tokens to read: not worth a background batch (the turn reads them with
-its new message, in one batch, as it would without background work)."""
-PREFILL_CHUNK_S = 0.1
-"""Background prefill works in chunks of about this many seconds: a turn that arrives waits at
-most that long for the model (the chunk's work is kept, and is the turn's own work when the
-turn's prompt starts as expected). Shorter chunks evaluate slower: on a 2-core CPU, 64-token
-chunks (~85 ms) run at 87% of the speed of 512-token batches, 16-token ones at 60%."""
-
-
-def next_chunk(chunk: int, seconds: float, n_batch: int) -> int:
-    """The size of the next prefill chunk, from how long ``chunk`` tokens took: about
-    ``PREFILL_CHUNK_S`` seconds of work, a multiple of ``PREFILL_GRAIN`` within
-    [PREFILL_GRAIN, n_batch]."""
-    fitting = int(chunk * PREFILL_CHUNK_S / seconds) if seconds > 0 else chunk * 2
-    wanted = min(fitting, chunk * 4)
-    top = max(PREFILL_GRAIN, n_batch - n_batch % PREFILL_GRAIN)
-    return max(PREFILL_GRAIN, min(top, wanted - wanted % PREFILL_GRAIN))
 
 
 def message_role(message: BaseMessage) -> str:
@@ -324,39 +300,25 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         time (from a background thread while the user types), so the turn that sends that
         prompt only reads what follows. Returns how many of ``ids`` the cache then holds.
 
-        The cache holds the very tokens the turn would have evaluated (``Llama.generate``
-        compares them one by one and re-reads any that differ), in whole ``PREFILL_GRAIN``
-        batches and only when at least ``MIN_PREFILL`` are missing (see there: tiny batches
-        round differently). Work goes in chunks of at
-        most ~``PREFILL_CHUNK_S`` seconds; between chunks it stops at once when ``stop`` is
-        set or a generation is waiting for the model, or when any generation ran since it
-        started (the cache then holds that generation's prompt). A turn that arrives mid-way
-        keeps every chunk already evaluated. ``on_chunk(held, evaluated, started, ended)`` is called
-        after each chunk (perf_counter times: for the benchmark's plot, and tests)."""
-        llama = self.load()
+        How (chunks, when it stops, what it guarantees): ``localbot.prefill``. It gives way to
+        any generation: one waiting for the model stops it after the current chunk, and so does
+        one that ran since it started (the cache then holds that generation's prompt). A turn
+        that arrives mid-way keeps every chunk already evaluated."""
         generations = self._generations
-        chunk, held = PREFILL_GRAIN, 0
-        with self._run_lock:
-            cached = common_prefix(cached_tokens(llama), ids)
-        if len(ids) - cached < MIN_PREFILL and not self.context_shift:
-            return min(cached, len(ids))
-        # Whole grains only: the turn reads the rest (fewer than PREFILL_GRAIN tokens).
-        end = len(ids) - (len(ids) - cached) % PREFILL_GRAIN
-        while not (stop is not None and stop.is_set()):
-            if self._waiting[0] or self._generations != generations:
-                break
-            with self._run_lock:
-                if self._generations != generations:
-                    break
-                started = time.perf_counter()
-                held, done, evaluated = prefill_step(llama, ids[:end], chunk, self.context_shift)
-                ended = time.perf_counter()
-            if on_chunk is not None:
-                on_chunk(held, evaluated, started, ended)
-            if done:
-                break
-            chunk = next_chunk(chunk, ended - started, int(llama.n_batch))
-        return held
+
+        def give_way() -> bool:
+            # A generation waiting for the model, or one that ran since: stop.
+            return bool(self._waiting[0]) or self._generations != generations
+
+        return background_prefill(
+            self.load(),
+            ids,
+            lock=self._run_lock,
+            give_way=give_way,
+            stop=stop,
+            on_chunk=on_chunk,
+            shift=self.context_shift,
+        )
 
     def _run(
         self,

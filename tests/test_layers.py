@@ -47,6 +47,7 @@ LAYERS: list[set[str]] = [
         "grammar_sampler",
         "tool_format",
         "tool_parser",
+        "prefill",
     },
     # 2. templates, the session store, the model manifest
     {

@@ -18,8 +18,8 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
-from localbot.chat_model import next_chunk
 from localbot.chatbot import Chatbot, typical_message
+from localbot.prefill import next_chunk
 
 SESSION = {"configurable": {"session_id": "abc"}}
 TOPICS = ["rivers", "mountains", "deserts", "forests", "islands", "volcanoes", "glaciers"]
