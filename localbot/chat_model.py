@@ -89,6 +89,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
     _last_stats: TurnStats | None = PrivateAttr(default=None)
     _generations: int = PrivateAttr(default=0)
     _waiting: list[int] = PrivateAttr(default_factory=lambda: [0])  # generations waiting
+    _waiting_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _before_generation: list[Callable[[], None]] = PrivateAttr(default_factory=list)
     _load_seconds: float | None = PrivateAttr(default=None)
     _prompts: PromptBuilder = PrivateAttr()
@@ -273,12 +274,12 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
     def _turn_lock(self) -> Iterator[None]:
         """The model, for a generation: background prefill (:meth:`prefill`) sees the
         generation waiting and gives way after its current chunk."""
-        with self._load_lock:
+        with self._waiting_lock:  # not _load_lock: a load may hold that one for seconds
             self._waiting[0] += 1
         try:
             self._run_lock.acquire()
         finally:
-            with self._load_lock:
+            with self._waiting_lock:
                 self._waiting[0] -= 1
         try:
             yield

@@ -252,9 +252,10 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         whole kept history, which the next turn would otherwise re-read. Call it when a session
         is opened, switched to or resumed; each completed turn calls it itself.
 
-        Exact: the next turn's prompt is compared token by token with what the model holds, so
-        replies are what a re-read gives; a message that needs another cut re-reads as before.
-        Needs ``kv_cache``; returns at once."""
+        The next turn's prompt is compared token by token with what the model holds, so it
+        reuses exactly the tokens it shares with what was read ahead (``localbot.prefill`` says
+        how batches are kept to shapes that round as a turn's own do); a message that needs
+        another cut re-reads as before. Needs ``kv_cache``; returns at once."""
         if self.kv:
             values = {**self.variables, **(variables or {})}
             self.kv.prepare(session_id, lambda: self.next_prefix(session_id, values))
@@ -413,7 +414,8 @@ TYPICAL_TOKENS = 64
 def typical_message(history: Sequence[BaseMessage], count: Callable[[str], int]) -> HumanMessage:
     """A stand-in for the user's next message: as long as their recent ones (the median of the
     last eight), in tokens."""
-    sizes = sorted(count(m.text) for m in [m for m in history if m.type == "human"][-8:])
+    recent = [m for m in history if m.type == "human"][-8:]
+    sizes = sorted(count(m.text) for m in recent)
     tokens = sizes[len(sizes) // 2] if sizes else TYPICAL_TOKENS
     return HumanMessage(" ".join(["word"] * max(1, tokens)))
 

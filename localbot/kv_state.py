@@ -59,6 +59,7 @@ from localbot.llama_cache import (
     clear,
     common_prefix,
     context_handle,
+    is_recurrent,
     mark_logits_stale,
     reusable_tokens,
     usable,
@@ -259,8 +260,7 @@ def _restore(
     n_vocab = int(llama.n_vocab())
     if any(t >= n_vocab for t in saved):
         raise Rejected("it holds token ids outside this model's vocabulary")
-    recurrent = getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)
-    if recurrent and not wanted == n < len(prompt):
+    if is_recurrent(llama) and not wanted == n < len(prompt):
         raise Rejected("recurrent memory cannot be trimmed: the prompt must extend the state")
 
     start = time.perf_counter()

@@ -51,6 +51,12 @@ def replace_sampler(llama: Any, sampler: Any) -> Callable[[], None]:
     return undo
 
 
+def is_recurrent(llama: Any) -> bool:
+    """Whether ``llama``'s memory is recurrent (or hybrid): all or nothing, it cannot be
+    trimmed back to a prefix."""
+    return bool(getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False))
+
+
 def cached_tokens(llama: Any) -> list[int]:
     """The tokens ``llama``'s KV cache holds, in order."""
     return llama._input_ids.tolist()
@@ -99,7 +105,7 @@ def window_problem(llama: Any, reused: int) -> str | None:
     """
     import llama_cpp
 
-    if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
+    if is_recurrent(llama):
         # No window: a recurrent state is all or nothing (seq_rm refuses a partial trim and
         # Llama.generate then re-reads; restore_state only restores a state the prompt extends).
         return None
@@ -169,8 +175,7 @@ def _trim_to(llama: Any, keep: int) -> int:
     """Keep the first ``keep`` cached tokens (the rest of the KV cache is dropped); returns the
     tokens kept, 0 when the cache cannot be trimmed there safely (recurrent memory, a sliding
     window with holes) and was cleared."""
-    recurrent = getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)
-    if recurrent or window_problem(llama, keep) is not None:
+    if is_recurrent(llama) or window_problem(llama, keep) is not None:
         keep = 0
     if keep == 0 or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
         clear(llama)
@@ -183,7 +188,7 @@ def shift_problem(llama: Any, swa_full: bool) -> str | None:
     """Why ``llama``'s KV cache cannot be shifted (``--context-shift``), or None when it can."""
     import llama_cpp
 
-    if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
+    if is_recurrent(llama):
         return "its memory is recurrent: there are no positions to shift"
     memory = llama_cpp.llama_get_memory(context_handle(llama))
     if memory is None or not llama_cpp.llama_memory_can_shift(memory):

@@ -27,7 +27,7 @@ from localbot.errors import SessionError
 
 __all__ = [
     "MAX_SESSION_BYTES",
-    "encode_session",
+    "encode_exactly",
     "read_session",
     "repair_surrogates",
     "unusable",
@@ -84,19 +84,13 @@ def remember(
     _decoded[str(path)] = (data, list(entries), list(messages))
 
 
-def encode_session(entries: list[dict[str, Any]]) -> bytes:
-    """UTF-8 JSON, characters unescaped and one message per line, so it reads well in an editor.
+def encode_exactly(entries: list[dict[str, Any]]) -> tuple[bytes, bool]:
+    """The file's bytes for ``entries``: UTF-8 JSON, characters unescaped and one message per
+    line, so it reads well in an editor; and whether they hold ``entries`` exactly (False when
+    surrogates had to be repaired: reading them back gives other strings).
 
     Not ``indent=``: that switches ``json`` to its pure-Python encoder, ~10x slower per append.
     """
-    if not entries:
-        return b"[]\n"
-    return encode_exactly(entries)[0]
-
-
-def encode_exactly(entries: list[dict[str, Any]]) -> tuple[bytes, bool]:
-    """:func:`encode_session`, and whether the bytes hold ``entries`` exactly (False when
-    surrogates had to be repaired: reading them back gives other strings)."""
     if not entries:
         return b"[]\n", True
     lines = (json.dumps(entry, ensure_ascii=False) for entry in entries)
