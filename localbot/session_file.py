@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from localbot.errors import SessionError
 
 __all__ = [
     "MAX_SESSION_BYTES",
+    "encode_appended",
     "encode_exactly",
     "read_session",
     "repair_surrogates",
@@ -58,8 +60,8 @@ def read_session(path: Path) -> tuple[list[dict[str, Any]], list[BaseMessage]]:
     except OSError as err:
         raise unusable(path, f"cannot be read ({err.strerror or err})") from None
     known = _decoded.get(str(path))
-    if known is not None and known[0] == data:
-        return list(known[1]), list(known[2])
+    if known is not None and known.data == data:
+        return list(known.entries), list(known.messages)
     entries = _parse(path, data)
     try:
         messages = messages_from_dict(entries)
@@ -70,18 +72,35 @@ def read_session(path: Path) -> tuple[list[dict[str, Any]], list[BaseMessage]]:
     return list(entries), list(messages)
 
 
-_decoded: dict[str, tuple[bytes, list[dict[str, Any]], list[BaseMessage]]] = {}
+@dataclass(frozen=True)
+class _Decoded:
+    data: bytes
+    entries: list[dict[str, Any]]
+    messages: list[BaseMessage]
+    ours: bool
+    """Whether ``data`` is what :func:`encode_exactly` gives for ``entries``."""
+
+
+_decoded: dict[str, _Decoded] = {}
 _MAX_DECODED = 16
+_END = b"\n]\n"  # how a file encode_exactly wrote ends, when it holds a message
 
 
 def remember(
-    path: Path, data: bytes, entries: list[dict[str, Any]], messages: list[BaseMessage]
+    path: Path,
+    data: bytes,
+    entries: list[dict[str, Any]],
+    messages: list[BaseMessage],
+    *,
+    ours: bool = False,
 ) -> None:
     """Record that ``data`` (the exact bytes of ``path``) decodes to ``entries`` and ``messages``:
-    a long session is then not parsed again on every turn (~1 ms per read at 40 messages)."""
+    a long session is then not parsed again on every turn (~1 ms per read at 40 messages).
+    ``ours``: the bytes are :func:`encode_exactly`'s for ``entries`` (so an append can extend
+    them, see :func:`encode_appended`)."""
     if len(_decoded) >= _MAX_DECODED:
         _decoded.pop(next(iter(_decoded), ""), None)
-    _decoded[str(path)] = (data, list(entries), list(messages))
+    _decoded[str(path)] = _Decoded(data, list(entries), list(messages), ours)
 
 
 def encode_exactly(entries: list[dict[str, Any]]) -> tuple[bytes, bool]:
@@ -93,8 +112,35 @@ def encode_exactly(entries: list[dict[str, Any]]) -> tuple[bytes, bool]:
     """
     if not entries:
         return b"[]\n", True
-    lines = (json.dumps(entry, ensure_ascii=False) for entry in entries)
-    text = "[\n" + ",\n".join(lines) + "\n]\n"
+    lines, exact = _encode_lines(entries)
+    return b"[\n" + lines + _END, exact
+
+
+def encode_appended(
+    path: Path, entries: list[dict[str, Any]], new: list[dict[str, Any]]
+) -> tuple[bytes, bool]:
+    """:func:`encode_exactly` of ``entries + new``, where ``entries`` were just read from
+    ``path`` (under the session's lock). When the file's bytes are ones this module encoded, the
+    result is those bytes with ``new`` spliced in before the closing bracket: the same bytes,
+    without encoding every old message again on every append."""
+    known = _decoded.get(str(path))
+    if (
+        new
+        and entries
+        and known is not None
+        and known.ours
+        and len(known.entries) == len(entries)
+        and known.data.endswith(_END)
+    ):
+        lines, exact = _encode_lines(new)
+        if exact:
+            return known.data[: -len(_END)] + b",\n" + lines + _END, True
+    return encode_exactly(entries + new)
+
+
+def _encode_lines(entries: list[dict[str, Any]]) -> tuple[bytes, bool]:
+    """One JSON line per entry, joined by ``,\\n``; whether they hold ``entries`` exactly."""
+    text = ",\n".join(json.dumps(entry, ensure_ascii=False) for entry in entries)
     try:
         return text.encode("utf-8"), True
     except UnicodeEncodeError:

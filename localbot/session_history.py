@@ -44,11 +44,11 @@ class SessionHistory(BaseChatMessageHistory):
         with self.store.locked(self.session_id):
             path = self._checked_path()
             entries, old = read_session(path)
-            data = self.store.write_entries(path, entries + new)
+            data = self.store.write_entries(path, entries, appended=new)
             if data is not None:
                 # The next read finds these very bytes: it need not decode them again. The new
                 # messages are loaded from their dicts, as a read would load them.
-                remember(path, data, entries + new, old + messages_from_dict(new))
+                remember(path, data, entries + new, old + messages_from_dict(new), ours=True)
 
     def add_message(self, message: BaseMessage) -> None:
         self.add_messages([message])

@@ -44,7 +44,7 @@ from localbot.atomic import (
 )
 from localbot.errors import SessionError
 from localbot.paths import KV_STATE_FILE, default_sessions_dir, user_path
-from localbot.session_file import encode_exactly, read_session, unusable
+from localbot.session_file import encode_appended, encode_exactly, read_session, unusable
 from localbot.session_history import SessionHistory
 from localbot.session_sidecars import (
     checked_sidecar_dir,
@@ -263,11 +263,17 @@ class SessionStore:
 
     # -- used by SessionHistory -------------------------------------------------------------------
 
-    def write_entries(self, path: Path, entries: list[dict]) -> bytes | None:
-        """Replace a session file with ``entries`` (hold the session's lock: ``locked``);
-        returns the bytes written when they hold ``entries`` exactly (None when some text had
+    def write_entries(
+        self, path: Path, entries: list[dict], appended: list[dict] | None = None
+    ) -> bytes | None:
+        """Replace a session file with ``entries``, or with ``entries + appended`` where
+        ``entries`` are what was just read from it (hold the session's lock: ``locked``);
+        returns the bytes written when they hold the entries exactly (None when some text had
         to be repaired)."""
-        data, exact = encode_exactly(entries)
+        if appended is None:
+            data, exact = encode_exactly(entries)
+        else:
+            data, exact = encode_appended(path, entries, appended)
         remove_stale_temps(self.root, path.name)
         write_atomic(path, data)
         return data if exact else None
