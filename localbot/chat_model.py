@@ -78,6 +78,12 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
 
             model = ChatLlamaCpp(model_path="models/qwen2.5-0.5b-instruct-q4_k_m.gguf")
             model.invoke([("system", "Be brief."), ("human", "Hi!")])
+
+    Besides the usual call options (``max_tokens``, ``temperature``, ``stop``, ``seed``...),
+    ``stream``/``invoke`` take ``hold_reply``: a function called once the prompt is read and the
+    first token sampled, before any of the reply leaves the model (in a chunk or a callback).
+    The chatbot writes the user's message meanwhile, so that no reply is shown to a message
+    that is not on disk; the function raising ends the call with its error.
     """
 
     _llama: Any = PrivateAttr(default=None)
@@ -291,6 +297,12 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         session's KV cache saves what the model holds before another prompt replaces it."""
         self._before_generation.append(hook)
 
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict:
+        # ``hold_reply`` is a callable for one call, not a setting: callbacks, tracers and
+        # caches never see it.
+        kwargs.pop("hold_reply", None)
+        return super()._get_invocation_params(stop=stop, **kwargs)
+
     def prefill(
         self,
         ids: Sequence[int],
@@ -327,8 +339,10 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         stop: list[str] | None,
         kwargs: dict[str, Any],
         call: ToolCall | None = None,
+        hold: Callable[[], None] | None = None,
     ) -> Iterator[str]:
-        """Generate a reply: yields text pieces; ``self.last_stats`` says how it went."""
+        """Generate a reply: yields text pieces; ``self.last_stats`` says how it went. ``hold``
+        is called before the first piece (the ``hold_reply`` argument)."""
         if kwargs.get("model") not in (None, self.model_name, self.model_path):
             raise ConfigError(
                 "ChatLlamaCpp runs the one GGUF file it was created with; "
@@ -371,6 +385,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
                 stats=stats,
                 grammar=grammar,
                 context_shift=self.context_shift,
+                hold=hold,
             )
 
     def _generate(
@@ -420,7 +435,7 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         parser = call.parser() if call and call.choice != "none" else None
         if parser is not None and parsers is not None:
             parsers.append(parser)
-        for text in self._run(messages, stop, kwargs, call):
+        for text in self._run(messages, stop, kwargs, call, kwargs.get("hold_reply")):
             for message in tools_mod.stream_chunks(parser.feed(text)) if parser else [text]:
                 chunk = ChatGenerationChunk(
                     message=message if parser else AIMessageChunk(content=message)

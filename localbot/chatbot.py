@@ -7,12 +7,15 @@ One turn (:meth:`Chatbot.stream`), in order:
    prompt and template counted), starting on a human turn, with a cut point that moves in steps
    so llama.cpp's cache survives (``localbot.trimming``);
 3. **build the prompt**: the system prompt (with ``{variables}``), then the kept messages;
-4. **save the human turn**, so a crash mid-reply never loses what the user typed;
+4. **save the human turn**, so a crash mid-reply never loses what the user typed: a worker
+   thread writes it while the model reads the prompt, and the model holds the reply's first
+   token until it is on disk (``ChatLlamaCpp``'s ``hold_reply``);
 5. **restore the KV state** saved for this session, if that saves reading the prompt
    (``localbot.kv_sessions``);
 6. **stream the model**;
 7. **save the reply**: complete, or as far as it got (Ctrl-C, an abandoned stream, an error),
-   marked ``response_metadata["interrupted"]``; then save the KV state in the background.
+   marked ``response_metadata["interrupted"]``; then get the next turn ready in the
+   background (:meth:`Chatbot.prepare`).
 
 Each step's time is recorded in :attr:`Chatbot.last_turn`. The turn honours LangChain's
 ``config`` (callbacks, tags, metadata): it is one chain run with the model's run inside it.
@@ -23,7 +26,9 @@ interrupted.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -157,7 +162,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self.last_turn = timings = TurnTimings()
         clock = Clock(timings)
         history: SessionHistory | None = None
-        saved_human = False
+        saving: _HumanSave | None = None
         chunks: list[AIMessageChunk] = []
         outcome = "error"
         try:
@@ -170,8 +175,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             with clock.step("prompt"):
                 prompt = self.prompt_messages(values, messages[plan.start :])
             with clock.step("save_human"):
-                history.add_messages(new)
-            saved_human = True
+                saving = _HumanSave(history, new)  # on disk before the reply's first token
             with clock.step("restore_kv"):
                 timings.restored_tokens = (
                     self.kv.restore(session_id, prompt, self.tool_specs) if self.kv else 0
@@ -180,9 +184,12 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 model_config = patch_config(config, callbacks=run.get_child())
                 if self.tool_specs and "tools" not in kwargs:
                     kwargs = {"tools": self.tool_specs, **kwargs}
-                for chunk in self.model.stream(prompt, config=model_config, **kwargs):
+                model_kwargs = {**kwargs, "hold_reply": saving.hold}
+                for chunk in self.model.stream(prompt, config=model_config, **model_kwargs):
                     chunks.append(chunk)
                     yield chunk
+            with clock.step("save_human"):
+                saving.wait()  # done: the model waited for it (unless it never got to a token)
             outcome = "complete"
         except BaseException as err:
             if isinstance(err, GeneratorExit):  # the caller stopped reading: generation stops
@@ -193,7 +200,11 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             raise
         finally:
             reply = None
-            if saved_human:
+            if saving is not None:
+                # The model's wait for the write is localbot's time, not the model's.
+                timings.model -= saving.held
+                timings.save_human += saving.held
+            if saving is not None and saving.succeeded(clock):
                 with clock.step("save_reply"):
                     reply = self._save_reply(history, chunks, outcome)
                 if self.kv:
@@ -400,6 +411,38 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     def _count(self, messages: Sequence[BaseMessage]) -> int:
         # The tool definitions are part of every prompt.
         return self.model.get_num_tokens_from_messages(messages, tools=self.tool_specs)
+
+
+_SESSION_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localbot-save")
+"""Writes users' messages while the model reads the prompt (a write is ~1-2 ms of fsyncs and
+JSON). One worker for the process: turns take the model one at a time anyway, and its pending
+writes finish before the interpreter exits."""
+
+
+class _HumanSave:
+    """The user's new messages being appended to the session file by the writer thread."""
+
+    def __init__(self, history: SessionHistory, messages: Sequence[BaseMessage]) -> None:
+        self._done: Future[None] = _SESSION_WRITER.submit(history.add_messages, list(messages))
+        self.held = 0.0
+        """Seconds the model held the reply waiting for the write."""
+
+    def wait(self) -> None:
+        """Wait for the write; raises its error (a :class:`SessionError`)."""
+        self._done.result()
+
+    def hold(self) -> None:
+        """:meth:`wait`, for the model to call before the reply's first token (timed)."""
+        began = time.perf_counter()
+        try:
+            self.wait()
+        finally:
+            self.held += time.perf_counter() - began
+
+    def succeeded(self, clock: Clock) -> bool:
+        """Wait for the write (timed as saving the human turn); whether it landed."""
+        with clock.step("save_human"):
+            return self._done.exception() is None
 
 
 MAX_CHARS_PER_TOKEN = 1024

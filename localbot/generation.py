@@ -171,6 +171,7 @@ def generate(
     stats: TurnStats | None = None,
     grammar: str | None = None,
     context_shift: bool = False,
+    hold: Callable[[], None] | None = None,
 ) -> Iterator[str]:
     """Generate a reply to the token ids ``prompt``: yields text pieces (about one token each).
 
@@ -179,7 +180,8 @@ def generate(
     consumer closed it), ``interrupted`` (Ctrl-C) or ``error``. ``grammar`` (GBNF) constrains
     sampling (structured output, tool calls; see ``localbot.grammar_sampler``);
     ``context_shift`` reuses a cache whose start was dropped, approximately
-    (``localbot.llama_cache.shift_cache``). The caller holds the model.
+    (``localbot.llama_cache.shift_cache``); ``hold()`` is called once the prompt is read and
+    the first token sampled, before anything is yielded. The caller holds the model.
     """
     import llama_cpp
 
@@ -205,6 +207,8 @@ def generate(
     try:
         for token in tokens:
             if first is None:
+                if hold is not None:
+                    hold()
                 first = time.perf_counter()
                 stats.time_to_first_token = first - start
             if llama_cpp.llama_vocab_is_eog(vocab, token):

@@ -69,7 +69,7 @@ _STEP_LABELS = {
     "trim_s": "trim (plan)",
     "session_read_s": "session read",
     "prompt_s": "prompt messages (system prompt, variables)",
-    "session_write_s": "session writes (2 per turn, fsync)",
+    "session_write_s": "session writes (the reply; the message's, past the prompt read)",
     "kv_restore_s": "KV-state restore check",
     "adapter_s": "chat model around generate (template, tokens)",
     "between_s": "between steps (starting the background work)",
