@@ -4,11 +4,14 @@ The template renders the prompt (``localbot.templates``; roles, tool calls and t
 laid out by ``localbot.tools``); ``localbot.prompt_tokens`` tokenizes it the way llama.cpp
 tokenizes a whole prompt, except control-token text a user typed, which stays text; BOS is added
 when the model asks for it. A turn asks for its prompt several times (trim count, KV restore,
-generation) and old messages repeat every turn: both are cached.
+generation) and old messages repeat every turn: both are cached. A prompt being built by one
+thread is waited for, not built again, by another that asks for it (the chatbot builds its likely
+prompt on a worker thread while it plans the turn).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +38,8 @@ class PromptBuilder:
         self._model_path = model_path
         self._pieces: dict[tuple[str, bool], tuple[int, ...]] = {}
         self._prompts: dict[Any, tuple[int, ...]] = {}
+        self._building: dict[Any, threading.Event] = {}  # prompts a thread is building now
+        self._building_lock = threading.Lock()
 
     def clear(self) -> None:
         self._prompts.clear()
@@ -57,10 +62,21 @@ class PromptBuilder:
         key = tools_mod.cache_key(messages, tools)  # tool calls and ids are in the key
         ids = self._prompts.get(key)
         if ids is None:
-            ids = tuple(self._render_ids(messages, tools))
-            if len(self._prompts) >= _MAX_PROMPTS:
-                self._prompts.pop(next(iter(self._prompts)))
-            self._prompts[key] = ids
+            with self._building_lock:
+                building = self._building.get(key)
+                if building is None:
+                    self._building[key] = threading.Event()
+            if building is not None:  # another thread is on it: its result, or our own try
+                building.wait()
+                return self.prompt_ids(messages, tools)
+            try:
+                ids = tuple(self._render_ids(messages, tools))
+                if len(self._prompts) >= _MAX_PROMPTS:
+                    self._prompts.pop(next(iter(self._prompts)), None)
+                self._prompts[key] = ids
+            finally:
+                with self._building_lock:
+                    self._building.pop(key).set()
         return list(ids)
 
     def _render_ids(

@@ -19,7 +19,8 @@ processes append (see the field notes):
 * A file we cannot parse is never written over: every write first re-reads and validates what is
   there and raises :class:`SessionError` if it is corrupt or foreign, leaving the bytes as they are.
 * Temp files left by a killed writer are hidden names that reads and listings skip; ones older
-  than a minute are removed when that session is next written, and all of them on delete.
+  than a minute are removed when that session is written (looked for at most once a minute),
+  and all of them on delete.
 * A file-system failure (read-only, full, a lock that is a directory or a link loop, a sessions
   directory that is a dangling link) is a one-line :class:`SessionError`; files stay as they were.
 """
@@ -30,12 +31,15 @@ import contextlib
 import errno
 import os
 import re
+import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from localbot.atomic import (
+    STALE_TEMP_AGE_S,
     FileTypeError,
     exclusive_lock,
     fsync_directory,
@@ -114,6 +118,7 @@ class SessionStore:
             self.root = default_sessions_dir()
         else:
             self.root = user_path(root, "sessions directory")
+        self._temps_checked: dict[str, float] = {}  # file name -> when its temps were checked
 
     def get(self, session_id: str) -> SessionHistory:
         """The history for ``session_id``; fits ``RunnableWithMessageHistory(chain, store.get)``."""
@@ -122,6 +127,11 @@ class SessionStore:
     def path_for(self, session_id: str) -> Path:
         """The file for ``session_id``, refusing bad ids and links that lead out of the store."""
         path = self.root / f"{validate_session_id(session_id)}.json"
+        with contextlib.suppress(OSError):
+            # The common case, checked in one system call: no link, so inside the store (an id
+            # has no "/"). Resolving every component costs ~0.1 ms per access.
+            if not stat.S_ISLNK(os.lstat(path).st_mode):
+                return path
         root = _resolve(self.root)
         if not _resolve(path).is_relative_to(root):
             msg = f"Session file {path} is a link that leads outside {root}; remove the link."
@@ -274,9 +284,17 @@ class SessionStore:
             data, exact = encode_exactly(entries)
         else:
             data, exact = encode_appended(path, entries, appended)
-        remove_stale_temps(self.root, path.name)
+        self._remove_stale_temps(path)
         write_atomic(path, data)
         return data if exact else None
+
+    def _remove_stale_temps(self, path: Path) -> None:
+        """Remove the temp files a killed writer left for ``path``: at most once a minute per
+        file, as the directory scan costs more than the write with many sessions."""
+        now = time.monotonic()
+        if now - self._temps_checked.get(path.name, -STALE_TEMP_AGE_S) >= STALE_TEMP_AGE_S:
+            remove_stale_temps(self.root, path.name)
+            self._temps_checked[path.name] = now
 
     def _lock_path(self, session_id: str) -> Path:
         return self.root / f".{validate_session_id(session_id)}.lock"

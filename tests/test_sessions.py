@@ -22,6 +22,7 @@ from langchain_core.messages import (
 from langchain_core.runnables import RunnableLambda
 
 import localbot.sessions
+from localbot import sessions as sessions_mod
 from localbot.errors import LocalbotError, SessionError
 from localbot.sessions import SessionHistory, SessionStore, validate_session_id
 
@@ -204,6 +205,22 @@ def test_stale_temp_files_are_ignored_and_cleaned_up(store: SessionStore) -> Non
     assert not old.exists()
     assert young.exists()  # may belong to a write in progress
     assert [m.content for m in history.messages] == ["hi"]
+
+
+def test_temp_files_are_looked_for_at_most_once_a_minute(store: SessionStore, monkeypatch) -> None:
+    """The scan lists the whole sessions directory: not on every write of a chat."""
+    clock = [1000.0]
+    monkeypatch.setattr(sessions_mod.time, "monotonic", lambda: clock[0])
+    history = store.get("chat")
+    history.add_message(HumanMessage("hi"))
+    dead = store.root / ".chat.json.tmp-dead"
+    dead.write_bytes(b"[")
+    os.utime(dead, (time.time() - 3600,) * 2)
+    history.add_message(HumanMessage("again"))
+    assert dead.exists()
+    clock[0] += 61
+    history.add_message(HumanMessage("a minute later"))
+    assert not dead.exists()
 
 
 # -- interop with LangChain's FileChatMessageHistory -----------------------------------------------
