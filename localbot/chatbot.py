@@ -26,6 +26,7 @@ interrupted.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -314,7 +315,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         if start is None or not 0 <= start < len(messages) or messages[start].type != "human":
             return
         kept = list(messages[start:])
-        _SESSION_WRITER.submit(lambda: self._count(self.prompt_messages(values, kept)))
+        _session_writer().submit(lambda: self._count(self.prompt_messages(values, kept)))
 
     def wait_for_saves(self) -> None:
         """Stop background work (what it evaluated stays) and write the KV state that is not yet
@@ -438,17 +439,26 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         return self.model.get_num_tokens_from_messages(messages, tools=self.tool_specs)
 
 
-_SESSION_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localbot-save")
-"""Writes users' messages while the model reads the prompt (a write is ~1-2 ms of fsyncs and
-JSON). One worker for the process: turns take the model one at a time anyway, and its pending
-writes finish before the interpreter exits."""
+_writers: dict[int, ThreadPoolExecutor] = {}
+
+
+def _session_writer() -> ThreadPoolExecutor:
+    """The thread that writes users' messages while the model reads the prompt (a write is
+    ~1-2 ms of fsyncs and JSON), and builds a turn's likely prompt. One per process: turns take
+    the model one at a time anyway, and its pending work finishes before the interpreter exits.
+    A forked child gets its own (it has none of its parent's threads)."""
+    pid = os.getpid()
+    writer = _writers.get(pid)
+    if writer is None:
+        writer = _writers[pid] = ThreadPoolExecutor(1, thread_name_prefix="localbot-save")
+    return writer
 
 
 class _HumanSave:
     """The user's new messages being appended to the session file by the writer thread."""
 
     def __init__(self, history: SessionHistory, messages: Sequence[BaseMessage]) -> None:
-        self._done: Future[None] = _SESSION_WRITER.submit(history.add_messages, list(messages))
+        self._done: Future[None] = _session_writer().submit(history.add_messages, list(messages))
         self.held = 0.0
         """Seconds the model held the reply waiting for the write."""
 

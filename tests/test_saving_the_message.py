@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from langchain_core.messages import HumanMessage
 
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
 from localbot import sessions as sessions_mod
+from localbot.chatbot import _session_writer
 from localbot.errors import SessionError
 
 SESSION = {"configurable": {"session_id": "s"}}
@@ -159,3 +161,18 @@ def test_a_plain_model_run_can_hold_its_reply(test_model_path):
     assert [c for c in model.stream("Hello") if c.text]
     assert len(calls) == 2  # other calls are not held
     assert "hold_reply" not in seen[0]  # not a setting: callbacks and tracers never see it
+
+
+def test_a_forked_child_gets_its_own_writer_thread():
+    """A fork copies the writer's bookkeeping but not its thread: work submitted in the child
+    must still run (else a turn there would wait forever for its message to be written)."""
+    assert _session_writer().submit(lambda: "parent").result(timeout=5) == "parent"
+    pid = os.fork()
+    if pid == 0:  # the child
+        done = False
+        try:
+            done = _session_writer().submit(lambda: "child").result(timeout=5) == "child"
+        finally:
+            os._exit(0 if done else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
