@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
+from uuid import uuid4
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.ai import add_ai_message_chunks
@@ -158,7 +159,12 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         config = ensure_config(config)
         session_id = config.get("configurable", {}).get("session_id") or DEFAULT_SESSION
         values = self._values(input)  # a missing variable fails here, before anything is saved
-        new = _as_messages(input["messages"])
+        # Each new message gets an id, so that the reply is saved right after it even if another
+        # process adds to the session meanwhile.
+        new = [
+            m if m.id else m.model_copy(update={"id": str(uuid4())})
+            for m in _as_messages(input["messages"])
+        ]
         run = get_callback_manager_for_config(config).on_chain_start(
             None, dict(input), name=self.get_name(), run_id=config.pop("run_id", None)
         )
@@ -211,7 +217,8 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 timings.save_human += saving.held
             if saving is not None and saving.succeeded(clock):
                 with clock.step("save_reply"):
-                    reply = self._save_reply(history, chunks, outcome)
+                    after = new[-1].id if new else None
+                    reply = self._save_reply(history, chunks, outcome, after)
                 if self.kv:
                     self.kv.turn_done(session_id, complete=outcome == "complete")
             clock.stop()
@@ -222,7 +229,11 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         run.on_chain_end(reply)
 
     def _save_reply(
-        self, history: SessionHistory, chunks: Sequence[AIMessageChunk], outcome: str
+        self,
+        history: SessionHistory,
+        chunks: Sequence[AIMessageChunk],
+        outcome: str,
+        after: str | None,
     ) -> AIMessage:
         reply = _to_message(chunks)
         if outcome != "complete":
@@ -232,7 +243,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
                 "interrupted": True,
                 "finish_reason": outcome,
             }
-        history.add_messages([reply])
+        history.add_messages_after([reply], after)
         return reply
 
     def invoke(

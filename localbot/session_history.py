@@ -50,6 +50,32 @@ class SessionHistory(BaseChatMessageHistory):
                 # messages are loaded from their dicts, as a read would load them.
                 remember(path, data, entries + new, old + messages_from_dict(new), ours=True)
 
+    def add_messages_after(self, messages: Sequence[BaseMessage], after_id: str | None) -> None:
+        """Write ``messages`` right after the message whose id is ``after_id`` (a reply after
+        the message it answers), in one atomic write; at the end when that message is last or
+        gone. Another process on the same session may have added its own message meanwhile:
+        each reply still follows its question."""
+        new = messages_to_dict(list(messages))
+        if not new:
+            return
+        with self.store.locked(self.session_id):
+            path = self._checked_path()
+            entries, old = read_session(path)
+            at = _index_after(entries, after_id)
+            if at == len(entries):
+                data = self.store.write_entries(path, entries, appended=new)
+            else:
+                data = self.store.write_entries(path, [*entries[:at], *new, *entries[at:]])
+            if data is not None:
+                loaded = messages_from_dict(new)
+                remember(
+                    path,
+                    data,
+                    [*entries[:at], *new, *entries[at:]],
+                    [*old[:at], *loaded, *old[at:]],
+                    ours=True,
+                )
+
     def add_message(self, message: BaseMessage) -> None:
         self.add_messages([message])
 
@@ -68,3 +94,12 @@ class SessionHistory(BaseChatMessageHistory):
     def _checked_path(self) -> Path:
         """Re-check the path on each use: a link could have appeared since ``__init__``."""
         return self.store.path_for(self.session_id)
+
+
+def _index_after(entries: list[dict], message_id: str | None) -> int:
+    """The index just after the last entry with id ``message_id``; the end if there is none."""
+    if message_id is not None:
+        for index in range(len(entries) - 1, -1, -1):
+            if entries[index]["data"].get("id") == message_id:
+                return index + 1
+    return len(entries)

@@ -18,9 +18,12 @@ class TurnTimings:
     plan: float = 0.0
     prompt: float = 0.0
     save_human: float = 0.0
+    """Handing the user's message to the writer thread, plus any wait for it: the model holds
+    the reply until it is on disk, so only a write slower than reading the prompt shows here."""
     restore_kv: float = 0.0
     model: float = 0.0
-    """From asking the model to its last chunk: llama.cpp's work plus the adapter's."""
+    """From asking the model to its last chunk: llama.cpp's work plus the adapter's (not the
+    wait for the user's message to be written, which is ``save_human``)."""
     save_reply: float = 0.0
     total: float = 0.0
     restored_tokens: int = 0

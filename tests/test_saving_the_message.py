@@ -176,3 +176,17 @@ def test_a_forked_child_gets_its_own_writer_thread():
             os._exit(0 if done else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.model
+def test_each_reply_follows_its_question_when_two_processes_share_a_session(
+    test_model_path, tmp_path
+):
+    bot = _bot(test_model_path, tmp_path)
+    other = SessionStore(tmp_path).get("s")  # a second process on the same session
+    turn = bot.stream({"messages": [HumanMessage("Mine: where is the river?")]}, SESSION)
+    first = next(turn)  # the reply has begun; the other process sends its message now
+    other.add_messages([HumanMessage("Theirs: and the mountains?")])
+    reply = first.text + "".join(chunk.text for chunk in turn)
+    texts = _texts_on_disk(tmp_path)
+    assert texts == ["Mine: where is the river?", reply, "Theirs: and the mountains?"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from langchain_community.chat_message_histories import FileChatMessageHistory
 from langchain_core.messages import AIMessage, HumanMessage, messages_to_dict
+from test_sessions import file_chat_message_history
 
 from localbot import session_file
 from localbot.session_file import encode_exactly
@@ -43,7 +43,7 @@ def test_appended_bytes_equal_a_full_encode(tmp_path: Path, monkeypatch) -> None
 
 
 def test_a_file_written_by_langchain_is_re_encoded_whole(tmp_path: Path) -> None:
-    FileChatMessageHistory(str(tmp_path / "s.json")).add_messages(TURNS[:2])  # one JSON line
+    file_chat_message_history(tmp_path / "s.json").add_messages(TURNS[:2])  # one JSON line
     history = SessionStore(tmp_path).get("s")
     assert len(history.messages) == 2  # read and decoded, but not ours: no splice into them
     history.add_messages(TURNS[2:])
@@ -69,3 +69,26 @@ def test_text_that_needs_repair_is_encoded_whole_and_read_back(tmp_path: Path) -
     history.add_messages([HumanMessage("next")])
     assert [m.text for m in history.messages][-2:] == ["half an emoji \ufffd", "next"]
     assert json.loads((tmp_path / "s.json").read_bytes())[-1]["data"]["content"] == "next"
+
+
+def test_a_reply_goes_right_after_its_question_when_another_writer_came_between(
+    tmp_path: Path,
+) -> None:
+    mine = SessionStore(tmp_path).get("s")
+    theirs = SessionStore(tmp_path).get("s")  # another process on the same session
+    question = HumanMessage("mine?", id="q-1")
+    mine.add_messages([question])
+    theirs.add_messages([HumanMessage("theirs?")])
+    mine.add_messages_after([AIMessage("my answer")], after_id="q-1")
+    assert [m.text for m in theirs.messages] == ["mine?", "my answer", "theirs?"]
+    assert (tmp_path / "s.json").read_bytes() == _full_encode(mine.messages)
+
+
+def test_a_reply_whose_question_is_last_or_gone_is_appended(tmp_path: Path) -> None:
+    history = SessionStore(tmp_path).get("s")
+    history.add_messages([HumanMessage("q", id="q-1")])
+    history.add_messages_after([AIMessage("a")], after_id="q-1")
+    history.add_messages_after([AIMessage("b")], after_id="not there")
+    history.add_messages_after([AIMessage("c")], after_id=None)
+    assert [m.text for m in history.messages] == ["q", "a", "b", "c"]
+    assert (tmp_path / "s.json").read_bytes() == _full_encode(history.messages)

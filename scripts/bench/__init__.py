@@ -49,8 +49,11 @@ Per turn and system (``turns.csv``):
 * ``overhead_s`` / ``overhead_pct``: the turn's wall time minus the time spent inside
   ``Llama.generate`` (prompt evaluation + generation): everything the chatbot itself does. For
   localbot it is broken down with its own ``TurnTimings``: session read, trim plan, prompt
-  messages, session writes, the KV-state restore check, the chat model's work around
-  ``generate`` (template, tokenizing, callbacks), and the rest.
+  messages, session writes (the reply's, and any wait for the user's message, which is written
+  while the prompt is read), the KV-state restore check, the chat model's work around
+  ``generate`` (template, tokenizing, callbacks), and the rest. ``own_s`` is the turn's time
+  outside the model call; work localbot does on its other thread meanwhile (writing the
+  user's message, building the likely prompt) is not in it, waiting for that work is.
 * localbot's own ``TurnStats`` (``stats_*``) are recorded too.
 
 Between turns the simulated user reads and types for ``--think`` seconds (default 0). localbot's
