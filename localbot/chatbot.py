@@ -318,7 +318,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self, session_id: str, values: Mapping[str, Any], messages: Sequence[BaseMessage]
     ) -> None:
         """Build the prompt this turn most likely gets (cut where the last plan or prediction
-        for the session cut) on the writer thread, while :meth:`plan` tokenizes the new message
+        for the session cut) on another thread, while :meth:`plan` tokenizes the new message
         for its estimate: the two tokenizations (~1 ms each) run side by side, and the plan's
         exact count then finds the prompt built (the model waits for a prompt being built rather
         than building it twice). A wrong guess costs only that thread's time."""
@@ -326,7 +326,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         if start is None or not 0 <= start < len(messages) or messages[start].type != "human":
             return
         kept = list(messages[start:])
-        _session_writer().submit(lambda: self._count(self.prompt_messages(values, kept)))
+        _worker("prompt").submit(lambda: self._count(self.prompt_messages(values, kept)))
 
     def wait_for_saves(self) -> None:
         """Stop background work (what it evaluated stays) and write the KV state that is not yet
@@ -450,26 +450,28 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         return self.model.get_num_tokens_from_messages(messages, tools=self.tool_specs)
 
 
-_writers: dict[int, ThreadPoolExecutor] = {}
+_workers: dict[tuple[int, str], ThreadPoolExecutor] = {}
 
 
-def _session_writer() -> ThreadPoolExecutor:
-    """The thread that writes users' messages while the model reads the prompt (a write is
-    ~1-2 ms of fsyncs and JSON), and builds a turn's likely prompt. One per process: turns take
-    the model one at a time anyway, and its pending work finishes before the interpreter exits.
-    A forked child gets its own (it has none of its parent's threads)."""
-    pid = os.getpid()
-    writer = _writers.get(pid)
-    if writer is None:
-        writer = _writers[pid] = ThreadPoolExecutor(1, thread_name_prefix="localbot-save")
-    return writer
+def _worker(name: str) -> ThreadPoolExecutor:
+    """A thread of this process for one kind of background work of a turn: ``"save"`` writes
+    users' messages while the model reads the prompt (a write is ~1-2 ms of fsyncs and JSON);
+    ``"prompt"`` builds a turn's likely prompt while the turn plans. Separate, so that a write
+    never waits behind a build. One each: turns take the model one at a time anyway, and pending
+    work finishes before the interpreter exits. A forked child gets its own (it has none of its
+    parent's threads)."""
+    key = (os.getpid(), name)
+    worker = _workers.get(key)
+    if worker is None:
+        worker = _workers[key] = ThreadPoolExecutor(1, thread_name_prefix=f"localbot-{name}")
+    return worker
 
 
 class _HumanSave:
     """The user's new messages being appended to the session file by the writer thread."""
 
     def __init__(self, history: SessionHistory, messages: Sequence[BaseMessage]) -> None:
-        self._done: Future[None] = _session_writer().submit(history.add_messages, list(messages))
+        self._done: Future[None] = _worker("save").submit(history.add_messages, list(messages))
         self.held = 0.0
         """Seconds the model held the reply waiting for the write."""
 

@@ -1,5 +1,5 @@
 """A turn's prompt is built once, even when two threads want it: the chatbot builds the prompt a
-turn will most likely get on its writer thread while the turn's plan tokenizes the new message,
+turn will most likely get on a second thread while the turn's plan tokenizes the new message,
 and the plan's exact count then waits for that build instead of repeating it (real tokenizer)."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_a_failed_build_is_not_an_answer_for_the_thread_that_waited(test_model_p
 
 
 @pytest.mark.model
-def test_a_turn_finds_its_prompt_built_on_the_writer_thread(test_model_path, tmp_path, monkeypatch):
+def test_a_turn_finds_its_prompt_built_on_the_prompt_thread(test_model_path, tmp_path, monkeypatch):
     bot = build_chatbot(_model(test_model_path), SessionStore(tmp_path), "Be brief.")
     bot.prepare_next = False  # only the turn's own work builds prompts here
     bot.invoke({"messages": [HumanMessage("Tell me about rivers.")]}, SESSION)
@@ -95,8 +95,8 @@ def test_a_turn_finds_its_prompt_built_on_the_writer_thread(test_model_path, tmp
 
     bot.invoke({"messages": [HumanMessage("And about mountains?")]}, SESSION)
 
-    # The turn's prompt was rendered once, by the writer thread, not by the turn's plan again.
-    assert builds == ["localbot-save_0"]
+    # The turn's prompt was rendered once, on the prompt thread, not by the turn's plan again.
+    assert builds == ["localbot-prompt_0"]
     assert bot.last_turn.trim_start == 0
     stats = bot.model.last_stats
     prompt = bot.prompt_messages({}, bot.store.get("s").messages[:-1])
