@@ -38,23 +38,13 @@ class SessionHistory(BaseChatMessageHistory):
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append ``messages`` in one atomic write, so a turn's messages land together."""
-        new = messages_to_dict(list(messages))
-        if not new:
-            return
-        with self.store.locked(self.session_id):
-            path = self._checked_path()
-            entries, old = read_session(path)
-            data = self.store.write_entries(path, entries, appended=new)
-            if data is not None:
-                # The next read finds these very bytes: it need not decode them again. The new
-                # messages are loaded from their dicts, as a read would load them.
-                remember(path, data, entries + new, old + messages_from_dict(new), ours=True)
+        self.add_messages_after(messages, None)
 
     def add_messages_after(self, messages: Sequence[BaseMessage], after_id: str | None) -> None:
-        """Write ``messages`` right after the message whose id is ``after_id`` (a reply after
-        the message it answers), in one atomic write; at the end when that message is last or
-        gone. Another process on the same session may have added its own message meanwhile:
-        each reply still follows its question."""
+        """Write ``messages`` in one atomic write right after the message whose id is
+        ``after_id`` (a reply after the message it answers), or at the end when that message is
+        last, gone or None. Another process on the same session may have added its own message
+        meanwhile: each reply still follows its question."""
         new = messages_to_dict(list(messages))
         if not new:
             return
@@ -62,11 +52,13 @@ class SessionHistory(BaseChatMessageHistory):
             path = self._checked_path()
             entries, old = read_session(path)
             at = _index_after(entries, after_id)
-            if at == len(entries):
+            if at == len(entries):  # the usual case: new bytes spliced onto the old ones
                 data = self.store.write_entries(path, entries, appended=new)
             else:
                 data = self.store.write_entries(path, [*entries[:at], *new, *entries[at:]])
             if data is not None:
+                # The next read finds these very bytes: it need not decode them again. The new
+                # messages are loaded from their dicts, as a read would load them.
                 loaded = messages_from_dict(new)
                 remember(
                     path,
