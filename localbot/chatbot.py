@@ -26,10 +26,7 @@ interrupted.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 from uuid import uuid4
@@ -51,6 +48,7 @@ from localbot.sessions import SessionHistory, SessionStore
 from localbot.system_prompt import make_prompt
 from localbot.tools import tool_specs
 from localbot.trimming import DEFAULT_WATERMARK, TrimPlan, plan_trim
+from localbot.turn_threads import HumanSave, worker
 from localbot.turn_timings import Clock, TurnTimings
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -171,7 +169,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         self.last_turn = timings = TurnTimings()
         clock = Clock(timings)
         history: SessionHistory | None = None
-        saving: _HumanSave | None = None
+        saving: HumanSave | None = None
         chunks: list[AIMessageChunk] = []
         outcome = "error"
         try:
@@ -186,7 +184,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
             with clock.step("prompt"):
                 prompt = self.prompt_messages(values, messages[plan.start :])
             with clock.step("save_human"):
-                saving = _HumanSave(history, new)  # on disk before the reply's first token
+                saving = HumanSave(history, new)  # on disk before the reply's first token
             with clock.step("restore_kv"):
                 timings.restored_tokens = (
                     self.kv.restore(session_id, prompt, self.tool_specs) if self.kv else 0
@@ -326,7 +324,7 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         if start is None or not 0 <= start < len(messages) or messages[start].type != "human":
             return
         kept = list(messages[start:])
-        _worker("prompt").submit(lambda: self._count(self.prompt_messages(values, kept)))
+        worker("prompt").submit(lambda: self._count(self.prompt_messages(values, kept)))
 
     def wait_for_saves(self) -> None:
         """Stop background work (what it evaluated stays) and write the KV state that is not yet
@@ -448,49 +446,6 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
     def _count(self, messages: Sequence[BaseMessage]) -> int:
         # The tool definitions are part of every prompt.
         return self.model.get_num_tokens_from_messages(messages, tools=self.tool_specs)
-
-
-_workers: dict[tuple[int, str], ThreadPoolExecutor] = {}
-
-
-def _worker(name: str) -> ThreadPoolExecutor:
-    """A thread of this process for one kind of background work of a turn: ``"save"`` writes
-    users' messages while the model reads the prompt (a write is ~1-2 ms of fsyncs and JSON);
-    ``"prompt"`` builds a turn's likely prompt while the turn plans. Separate, so that a write
-    never waits behind a build. One each: turns take the model one at a time anyway, and pending
-    work finishes before the interpreter exits. A forked child gets its own (it has none of its
-    parent's threads)."""
-    key = (os.getpid(), name)
-    worker = _workers.get(key)
-    if worker is None:
-        worker = _workers[key] = ThreadPoolExecutor(1, thread_name_prefix=f"localbot-{name}")
-    return worker
-
-
-class _HumanSave:
-    """The user's new messages being appended to the session file by the writer thread."""
-
-    def __init__(self, history: SessionHistory, messages: Sequence[BaseMessage]) -> None:
-        self._done: Future[None] = _worker("save").submit(history.add_messages, list(messages))
-        self.held = 0.0
-        """Seconds the model held the reply waiting for the write."""
-
-    def wait(self) -> None:
-        """Wait for the write; raises its error (a :class:`SessionError`)."""
-        self._done.result()
-
-    def hold(self) -> None:
-        """:meth:`wait`, for the model to call before the reply's first token (timed)."""
-        began = time.perf_counter()
-        try:
-            self.wait()
-        finally:
-            self.held += time.perf_counter() - began
-
-    def succeeded(self, clock: Clock) -> bool:
-        """Wait for the write (timed as saving the human turn); whether it landed."""
-        with clock.step("save_human"):
-            return self._done.exception() is None
 
 
 MAX_CHARS_PER_TOKEN = 1024

@@ -52,21 +52,16 @@ class SessionHistory(BaseChatMessageHistory):
             path = self._checked_path()
             entries, old = read_session(path)
             at = _index_after(entries, after_id)
+            merged = [*entries[:at], *new, *entries[at:]]
             if at == len(entries):  # the usual case: new bytes spliced onto the old ones
                 data = self.store.write_entries(path, entries, appended=new)
             else:
-                data = self.store.write_entries(path, [*entries[:at], *new, *entries[at:]])
+                data = self.store.write_entries(path, merged)
             if data is not None:
                 # The next read finds these very bytes: it need not decode them again. The new
                 # messages are loaded from their dicts, as a read would load them.
-                loaded = messages_from_dict(new)
-                remember(
-                    path,
-                    data,
-                    [*entries[:at], *new, *entries[at:]],
-                    [*old[:at], *loaded, *old[at:]],
-                    ours=True,
-                )
+                loaded = [*old[:at], *messages_from_dict(new), *old[at:]]
+                remember(path, data, merged, loaded, ours=True)
 
     def add_message(self, message: BaseMessage) -> None:
         self.add_messages([message])

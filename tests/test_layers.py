@@ -58,6 +58,7 @@ LAYERS: list[set[str]] = [
         "manifest",
         "tools",
         "structured",
+        "turn_threads",
     },
     # 3. the chat model (LangChain adapter), per-session settings and KV state, fetching models
     {"chat_model", "chat_tools", "prompt_builder", "session_settings", "kv_state", "hub", "fetch"},

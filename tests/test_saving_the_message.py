@@ -22,8 +22,8 @@ from langchain_core.messages import HumanMessage
 
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
 from localbot import sessions as sessions_mod
-from localbot.chatbot import _worker
 from localbot.errors import SessionError
+from localbot.turn_threads import worker
 
 SESSION = {"configurable": {"session_id": "s"}}
 SLOW_WRITE_S = 0.3
@@ -166,12 +166,12 @@ def test_a_plain_model_run_can_hold_its_reply(test_model_path):
 def test_a_forked_child_gets_its_own_writer_thread():
     """A fork copies the writer's bookkeeping but not its thread: work submitted in the child
     must still run (else a turn there would wait forever for its message to be written)."""
-    assert _worker("save").submit(lambda: "parent").result(timeout=5) == "parent"
+    assert worker("save").submit(lambda: "parent").result(timeout=5) == "parent"
     pid = os.fork()
     if pid == 0:  # the child
         done = False
         try:
-            done = _worker("save").submit(lambda: "child").result(timeout=5) == "child"
+            done = worker("save").submit(lambda: "child").result(timeout=5) == "child"
         finally:
             os._exit(0 if done else 1)
     _, status = os.waitpid(pid, 0)
