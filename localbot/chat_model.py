@@ -258,6 +258,19 @@ class ChatLlamaCpp(ToolsAndSchemas, LlamaCppSettings):
         Messages may be given in any form ``invoke`` takes (``("human", "hi")`` tuples, dicts)."""
         return self._prompts.prompt_ids(convert_to_messages(messages), tools)
 
+    def claim_prompt(
+        self,
+        messages: Sequence[MessageLikeRepresentation],
+        tools: Sequence[Any] | None = None,
+    ) -> Callable[[], object] | None:
+        """Take on building the prompt of ``messages`` (and ``tools``, as for
+        :meth:`get_num_tokens_from_messages`) and get the build to run on another thread: from
+        this call on, any thread that asks for that prompt waits for the build rather than
+        tokenizing it a second time. Run what you get exactly once; None when the prompt is
+        built or being built already."""
+        specs = tools_mod.tool_specs(tools) if tools else None
+        return self._prompts.claim(convert_to_messages(messages), specs)
+
     def clear_prompt_cache(self) -> None:
         """Forget the prompts already tokenized (they are cached: a turn asks for its prompt
         several times)."""

@@ -323,8 +323,16 @@ class Chatbot(Runnable[dict[str, Any], BaseMessage]):
         start = self._likely_start.get(session_id)
         if start is None or not 0 <= start < len(messages) or messages[start].type != "human":
             return
-        kept = list(messages[start:])
-        worker("prompt").submit(lambda: self._count(self.prompt_messages(values, kept)))
+        # Claimed here, not on the thread: the plan's count then always waits for this build,
+        # however late the thread starts, instead of sometimes racing it.
+        build = self.model.claim_prompt(
+            self.prompt_messages(values, messages[start:]), self.tool_specs
+        )
+        if build is not None:
+            try:
+                worker("prompt").submit(build)
+            except RuntimeError:  # the interpreter is exiting: no new threads; build it here
+                build()
 
     def wait_for_saves(self) -> None:
         """Stop background work (what it evaluated stays) and write the KV state that is not yet

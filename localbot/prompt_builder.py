@@ -60,24 +60,47 @@ class PromptBuilder:
         self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None
     ) -> list[int]:
         key = tools_mod.cache_key(messages, tools)  # tool calls and ids are in the key
-        ids = self._prompts.get(key)
-        if ids is None:
-            with self._building_lock:
-                building = self._building.get(key)
-                if building is None:
-                    self._building[key] = threading.Event()
-            if building is not None:  # another thread is on it: its result, or our own try
-                building.wait()
-                return self.prompt_ids(messages, tools)
-            try:
-                ids = tuple(self._render_ids(messages, tools))
-                if len(self._prompts) >= _MAX_PROMPTS:
-                    self._prompts.pop(next(iter(self._prompts)), None)
-                self._prompts[key] = ids
-            finally:
-                with self._building_lock:
-                    self._building.pop(key).set()
+        while (ids := self._prompts.get(key)) is None:
+            building = self._claim(key)
+            if building is None:  # ours to build
+                return list(self._build(key, messages, tools))
+            building.wait()  # another thread is on it: its result, or (it failed) our own try
         return list(ids)
+
+    def claim(
+        self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None
+    ) -> Callable[[], object] | None:
+        """Take on building this prompt now, and get the build to run on another thread: from
+        this call on, a thread asking for the prompt waits for that build instead of racing it
+        to the tokenizer. The caller must run what it gets (once). None when the prompt is
+        built or being built already."""
+        key = tools_mod.cache_key(messages, tools)
+        if key in self._prompts or self._claim(key) is not None:
+            return None
+        return lambda: self._build(key, messages, tools)
+
+    def _claim(self, key: Any) -> threading.Event | None:
+        """Mark ``key`` as being built by the caller (None), or get the build in progress."""
+        with self._building_lock:
+            building = self._building.get(key)
+            if building is None:
+                self._building[key] = threading.Event()
+            return building
+
+    def _build(
+        self, key: Any, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None
+    ) -> tuple[int, ...]:
+        """Render a claimed prompt, cache it, and wake the threads waiting for it (also when
+        the render fails: each of them then tries on its own)."""
+        try:
+            ids = tuple(self._render_ids(messages, tools))
+            if len(self._prompts) >= _MAX_PROMPTS:
+                self._prompts.pop(next(iter(self._prompts)), None)
+            self._prompts[key] = ids
+            return ids
+        finally:
+            with self._building_lock:
+                self._building.pop(key).set()
 
     def _render_ids(
         self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]] | None

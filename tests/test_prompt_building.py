@@ -12,6 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
+from localbot.turn_threads import worker
 
 SESSION = {"configurable": {"session_id": "s"}}
 
@@ -101,3 +102,25 @@ def test_a_turn_finds_its_prompt_built_on_the_prompt_thread(test_model_path, tmp
     stats = bot.model.last_stats
     prompt = bot.prompt_messages({}, bot.store.get("s").messages[:-1])
     assert stats.prompt_tokens == bot.model.get_num_tokens_from_messages(prompt)
+
+
+@pytest.mark.model
+def test_a_late_prompt_thread_is_still_waited_for(test_model_path, tmp_path, monkeypatch):
+    # The build is claimed when it is handed to the thread, not when the thread gets to it: a
+    # thread that starts after the plan asks for the prompt still builds it, once.
+    bot = build_chatbot(_model(test_model_path), SessionStore(tmp_path), "Be brief.")
+    bot.prepare_next = False
+    bot.invoke({"messages": [HumanMessage("Tell me about rivers.")]}, SESSION)
+    builds = _record_builds(bot.model, monkeypatch)
+    prompt_thread = worker("prompt")
+    submit = prompt_thread.submit
+
+    def late(fn):
+        return submit(lambda: (time.sleep(0.3), fn()))
+
+    monkeypatch.setattr(prompt_thread, "submit", late)
+
+    bot.invoke({"messages": [HumanMessage("And about mountains?")]}, SESSION)
+
+    assert builds == ["localbot-prompt_0"]
+    assert bot.last_turn.plan >= 0.2  # the plan waited for the late build
