@@ -6,6 +6,7 @@ Every test that loads a model is marked ``model`` (automatically, from the fixtu
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,15 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     # Never the checkout's models/ folder: tests get their own.
     monkeypatch.setenv("LOCALBOT_MODELS_DIR", str(home / "models"))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _no_background_work_left_running():
+    """Stop what a test's chatbots still do in the background when it ends (reading the next
+    prompt, an idle KV-state save seconds later), so that it does not load the machine's cores
+    while later tests measure time or wait on threads."""
+    yield
+    kv_sessions = sys.modules.get("localbot.kv_sessions")
+    if kv_sessions is not None:
+        for cache in list(kv_sessions._open):
+            cache.stop_background()

@@ -224,7 +224,11 @@ def test_the_page_fits_a_phone(browser, server) -> None:
     box = page.locator("#sidebar").bounding_box()
     assert box["x"] + box["width"] <= 0  # the sessions are a drawer, closed
     page.click("#toggle-sidebar")
-    page.wait_for_timeout(400)
+    # The drawer slides in (a 0.2 s transition): wait for it to arrive, however slow the page.
+    page.wait_for_function(
+        "() => document.querySelector('#sidebar').getBoundingClientRect().x >= 0",
+        timeout=10_000,
+    )
     assert page.locator("#sidebar").bounding_box()["x"] >= 0
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-phone.png"))

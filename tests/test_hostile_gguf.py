@@ -358,9 +358,12 @@ def test_the_header_check_of_a_262k_token_vocabulary_is_fast(tmp_path: Path) -> 
     path = tmp_path / "vocab.gguf"
     path.write_bytes(craft([*BASE_KVS[:3], kv_strings("tokenizer.ggml.tokens", tokens)]))
     read_gguf(path)  # warm the page cache
-    start = time.perf_counter()
-    read_gguf(path)
-    assert time.perf_counter() - start < 0.25  # ~0.03 s on a 2-core machine
+    seconds = []
+    for _ in range(3):  # the best of three: a busy machine may stall any one run
+        start = time.perf_counter()
+        read_gguf(path)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 0.25  # ~0.03 s on a 2-core machine
 
 
 # -- Hypothesis: whatever the bytes, a GGUFInfo or a one-line ModelFileError, quickly ------------

@@ -825,10 +825,18 @@ _SAVE_THEN_CTRL_C = textwrap.dedent(
     model = ChatLlamaCpp(model_path=sys.argv[1], n_ctx=2048, max_tokens=1, temperature=0)
     model.invoke([HumanMessage("word " * 1500)])  # ~1,500 tokens: a ~28 MB state
     folder = Path(sys.argv[2])
+    # llama.cpp's write of the temp file takes tens of ms: keep the save there (written, not
+    # yet renamed) so that the signal surely comes mid-save, however the threads are scheduled.
+    import llama_cpp
+    write, written = llama_cpp.llama_state_save_file, threading.Event()
+    def slow_write(*args):
+        ok = write(*args)
+        written.set()
+        time.sleep(60)
+        return ok
+    llama_cpp.llama_state_save_file = slow_write
     threading.Thread(target=save_state, args=(model, folder / "kvstate"), daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not any(".tmp-" in p.name for p in folder.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.001)
+    written.wait(60)
     print([p.name for p in folder.iterdir()], flush=True)
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while llama.cpp writes the temp file
     time.sleep(10)

@@ -80,26 +80,25 @@ def test_the_kept_history_is_read_in_the_background_exactly(test_model_path, tmp
 @pytest.mark.model
 def test_a_turn_arriving_mid_way_keeps_what_the_background_evaluated(test_model_path, tmp_path):
     bot = build_chatbot(_model(test_model_path), SessionStore(tmp_path / "warm"), "Be brief.")
+    bot.prepare_next = False  # only this test's prepare() reads the new kept history
     message = _chat_until_the_cut_moves(bot)
-    bot.kv.stop_background()
     shutil.copytree(tmp_path / "warm", tmp_path / "cold")
     prefix = bot.next_prefix("abc")
 
-    # Hold the background work after its first chunk; the turn arrives meanwhile.
-    first_chunk, release = threading.Event(), threading.Event()
+    # Hold the background work after its first chunk until the turn asks it to stop.
+    first_chunk = threading.Event()
     held: list[int] = []
 
     def pause(tokens: int, _evaluated: int, _start: float, _end: float) -> None:
         if not held:
             held.append(tokens)
             first_chunk.set()
-            release.wait(30)
+            bot.kv._stop.wait(30)  # set by the turn, which then waits for this chunk to end
 
     bot.kv.on_chunk = pause
     bot.prepare("abc")
     work = bot.kv.background
     assert first_chunk.wait(30)
-    threading.Timer(1.0, release.set).start()  # the turn has asked the work to stop by then
     reply = bot.invoke({"messages": [message]}, SESSION)
 
     stats = bot.model.last_stats

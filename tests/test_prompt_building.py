@@ -59,10 +59,12 @@ def test_a_failed_build_is_not_an_answer_for_the_thread_that_waited(test_model_p
     builder = model._prompts
     render = builder._render_ids
     calls: list[int] = []
+    building = threading.Event()
 
     def fails_once(messages, tools):
         calls.append(1)
         if len(calls) == 1:
+            building.set()
             time.sleep(0.2)
             raise RuntimeError("the first build fails")
         return render(messages, tools)
@@ -79,7 +81,7 @@ def test_a_failed_build_is_not_an_answer_for_the_thread_that_waited(test_model_p
 
     thread = threading.Thread(target=first)
     thread.start()
-    time.sleep(0.05)
+    assert building.wait(10)
     ids = model.prompt_ids(prompt)  # waits for the first, then builds it itself
     thread.join()
     assert len(failed) == 1

@@ -23,7 +23,7 @@ from langchain_core.messages import HumanMessage
 from localbot import ChatLlamaCpp, SessionStore, build_chatbot
 from localbot import sessions as sessions_mod
 from localbot.errors import SessionError
-from localbot.turn_threads import worker
+from localbot.turn_threads import HumanSave, worker
 
 SESSION = {"configurable": {"session_id": "s"}}
 SLOW_WRITE_S = 0.3
@@ -74,12 +74,23 @@ def test_the_message_is_written_while_the_prompt_is_read_and_before_any_reply(
     bot.invoke({"messages": [HumanMessage("first")]}, SESSION)  # loaded, history on disk
     events = _Events()
     write = sessions_mod.write_atomic
+    holding = threading.Event()
+    hold = HumanSave.hold
+
+    def marked_hold(self) -> None:
+        holding.set()
+        hold(self)
 
     def slow_write(path, data, **kwargs):
-        time.sleep(SLOW_WRITE_S)  # a slow disk: longer than reading this prompt
+        # A slow disk: the write is still going when the model has read the prompt and holds
+        # its first token. (Waiting for the hold makes this so on a loaded machine too; a
+        # write done before the prompt is read would never see it and end after 10 s.)
+        holding.wait(10)
+        time.sleep(SLOW_WRITE_S)
         write(path, data, **kwargs)
         events.mark("write end")
 
+    monkeypatch.setattr(HumanSave, "hold", marked_hold)
     monkeypatch.setattr(sessions_mod, "write_atomic", slow_write)
     llama = bot.model.load()
     generate = llama.generate
@@ -111,7 +122,7 @@ def test_the_message_is_written_while_the_prompt_is_read_and_before_any_reply(
     assert _texts_on_disk(tmp_path)[-2:] == [question, reply]
     # The wait for the write is localbot's own time, not the model's.
     timings = bot.last_turn
-    assert timings.save_human >= SLOW_WRITE_S * 0.5
+    assert timings.save_human >= SLOW_WRITE_S
     assert timings.own_seconds >= timings.save_human
 
 

