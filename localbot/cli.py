@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    settings_mod.add_arguments(parser)
+    settings_mod.add_arguments(parser, settings_mod.CHAT)
     actions = parser.add_argument_group("session management (then exit; no model needed)")
     group = actions.add_mutually_exclusive_group()
     group.add_argument(
@@ -211,6 +211,7 @@ def _install_signal_handlers() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    settings_mod.refuse_other_commands_flags(args, settings_mod.CHAT)
     config = settings_mod.resolve(args)
     setup_logging(config["verbose"])
     action = run_session_action(args, config)

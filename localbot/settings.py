@@ -69,6 +69,10 @@ def variable(value: str) -> tuple[str, str]:
     return name.strip(), text
 
 
+CHAT, SERVE = "chat", "serve"
+_COMMAND_NAMES = {CHAT: "the terminal chat", SERVE: "`python -m localbot serve`"}
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -80,6 +84,7 @@ class Setting:
     env: bool = True
     flag_only: bool = False  # a store_true flag
     repeat: bool = False  # may be given several times (env: separated by ";")
+    only: str | None = None  # the one command that uses it: CHAT or SERVE (None: both)
 
     @property
     def flag(self) -> str:
@@ -125,12 +130,14 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="TEXT",
         short="-p",
         env=False,
+        only=CHAT,
     ),
     Setting(
         "json",
         "with -p or piped input: print the reply and its usage as JSON",
         flag_only=True,
         env=False,
+        only=CHAT,
     ),
     Setting(
         "ctx",
@@ -206,42 +213,53 @@ SETTINGS: tuple[Setting, ...] = (
         "plain",
         "print replies as plain text, not rendered Markdown (piped output always is plain)",
         flag_only=True,
+        only=CHAT,
     ),
     Setting("verbose", "show llama.cpp's log and debug messages", flag_only=True, short="-v"),
-    # `python -m localbot serve` only:
     Setting(
         "host",
-        "(serve) address to listen on; anything but loopback needs --api-key",
+        "address to listen on; anything but loopback needs --api-key",
         default="127.0.0.1",
         metavar="ADDR",
+        only=SERVE,
     ),
     Setting(
         "port",
-        "(serve) port to listen on; 0 picks a free one",
+        "port to listen on; 0 picks a free one",
         type=bounded_int(0, 65535),
         default=8080,
         metavar="N",
+        only=SERVE,
     ),
     Setting(
         "api_key",
-        "(serve) require 'Authorization: Bearer KEY' on every API route (prefer the "
+        "require 'Authorization: Bearer KEY' on every API route (prefer the "
         "environment variable: a flag shows in `ps`)",
         metavar="KEY",
+        only=SERVE,
     ),
     Setting(
         "cors_origin",
-        "(serve) let pages from this origin call the API, e.g. http://localhost:3000 "
+        "let pages from this origin call the API, e.g. http://localhost:3000 "
         "(repeatable; env: separated by ';')",
         repeat=True,
         metavar="ORIGIN",
+        only=SERVE,
     ),
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Every setting, as flags of ``command`` (CHAT or SERVE). The other command's own flags
+    are accepted but not shown, so that :func:`refuse_other_commands_flags` can say where they
+    belong instead of argparse's bare "unrecognized arguments"."""
     for s in SETTINGS:
         names = [s.short, s.flag] if s.short else [s.flag]
         help_text = s.help + (f" [env {s.env_var}]" if s.env else "")
+        if s.default is not None and not s.flag_only and not s.repeat:
+            help_text += f" (default: {s.default})"
+        if s.only not in (None, command):
+            help_text = argparse.SUPPRESS
         if s.flag_only:
             parser.add_argument(
                 *names, dest=s.name, action="store_true", default=None, help=help_text
@@ -251,9 +269,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 *names, dest=s.name, action="append", type=s.type, metavar=s.metavar, help=help_text
             )
         else:
-            if s.default is not None:
-                help_text += f" (default: {s.default})"
             parser.add_argument(*names, dest=s.name, type=s.type, metavar=s.metavar, help=help_text)
+
+
+def refuse_other_commands_flags(args: argparse.Namespace, command: str) -> None:
+    """A flag of the other command, given on this one's command line, is an error (it would do
+    nothing). Its environment variable is not: one environment serves both commands."""
+    for s in SETTINGS:
+        if s.only not in (None, command) and getattr(args, s.name, None) is not None:
+            raise ConfigError(
+                f"{s.flag} is for {_COMMAND_NAMES[s.only]}; {_COMMAND_NAMES[command]} does not "
+                "use it"
+            )
 
 
 def resolve(args: argparse.Namespace, environ: os._Environ | dict | None = None) -> dict:

@@ -161,6 +161,20 @@ def test_help_documents_flags_env_and_exit_codes() -> None:
         "exit codes",
     ):
         assert flag in result.stdout
+    for serve_flag in ("--host", "--port", "--api-key", "--cors-origin"):
+        assert serve_flag not in result.stdout  # `serve --help` lists them
+
+
+def test_a_server_flag_given_to_the_chat_says_where_it_belongs(tmp_path) -> None:
+    result = run("--port", "9000", home=tmp_path)
+    assert_one_line_error(result, 2, "--port is for `python -m localbot serve`")
+    assert not (tmp_path / "sessions").exists()  # refused before anything started
+
+
+def test_a_server_setting_in_the_environment_does_not_stop_the_chat(tmp_path) -> None:
+    # One environment may serve both commands: LOCALBOT_PORT is the server's, not an error.
+    result = run("--list-sessions", env={"LOCALBOT_PORT": "9000"}, home=tmp_path)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.model

@@ -367,3 +367,13 @@ def test_serve_without_the_server_extra_says_what_to_install() -> None:
 
 def test_chat_only_flags_are_refused_by_serve() -> None:
     _one_line_error(_serve("-p", "hi"), 2, "--prompt is for the terminal chat")
+    _one_line_error(_serve("--plain"), 2, "--plain is for the terminal chat")
+
+
+def test_serve_help_lists_the_server_flags_and_not_the_chat_only_ones() -> None:
+    result = _serve("--help")
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--api-key", "--cors-origin", "--model", "--ctx"):
+        assert flag in result.stdout
+    for chat_flag in ("--prompt", "--json", "--plain"):
+        assert chat_flag not in result.stdout

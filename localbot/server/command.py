@@ -23,9 +23,6 @@ from localbot.errors import ConfigError, LocalbotError, MissingVariableError, Te
 from localbot.server.security import is_loopback
 from localbot.server.turns import Defaults
 
-NOT_FOR_SERVE = ("prompt", "json")
-"""Chat flags that mean nothing to a server: refused rather than ignored."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
@@ -38,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         "2 bad settings, --host without --api-key, or the port is taken; 3 model problem; "
         "5 session problem; 6 manifest problem",
     )
-    settings_mod.add_arguments(parser)
+    settings_mod.add_arguments(parser, settings_mod.SERVE)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        settings_mod.refuse_other_commands_flags(args, settings_mod.SERVE)
         return serve(settings_mod.resolve(args))
     except MissingVariableError as err:
         return fail(err.for_command_line(), err.exit_code)
@@ -57,9 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(config: dict[str, Any]) -> int:
     setup_logging(config["verbose"])
-    for name in NOT_FOR_SERVE:
-        if config[name]:
-            raise ConfigError(f"--{name} is for the terminal chat; `serve` does not use it")
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise LocalbotError(
