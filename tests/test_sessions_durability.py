@@ -41,7 +41,8 @@ def start_writer(*args: str) -> subprocess.Popen[str]:
 @pytest.mark.timeout(60)
 def test_two_processes_appending_keep_every_message_in_order(tmp_path: Path) -> None:
     root = tmp_path / "sessions"
-    writers = [start_writer("append", str(root), "shared", tag, "200") for tag in "AB"]
+    # 300 appends each (~0.2 s of writing alone): a window a writer started late still overlaps.
+    writers = [start_writer("append", str(root), "shared", tag, "300") for tag in "AB"]
     for proc in writers:  # both are loaded; release them together so they really overlap
         assert proc.stdin is not None
         proc.stdin.write("go\n")
@@ -52,12 +53,12 @@ def test_two_processes_appending_keep_every_message_in_order(tmp_path: Path) -> 
         assert out == "done\n"
 
     contents = [m.content for m in SessionStore(root).get("shared").messages]
-    assert len(contents) == 400
+    assert len(contents) == 600
     switches = sum(a[0] != b[0] for a, b in itertools.pairwise(contents))
     assert switches > 1, "the writers never overlapped; the test proved nothing"
     for tag in "AB":
         own = [c for c in contents if c.startswith(f"{tag}-")]
-        assert own == [f"{tag}-{i}" for i in range(200)], f"writer {tag} lost or reordered"
+        assert own == [f"{tag}-{i}" for i in range(300)], f"writer {tag} lost or reordered"
 
 
 @pytest.mark.timeout(60)
