@@ -332,7 +332,7 @@ def test_a_client_killed_mid_stream_frees_the_model_within_a_second(
     assert saved[-1].response_metadata["interrupted"] is True
     assert saved[-1].response_metadata["finish_reason"] == "abandoned"
     # Stopped soon after (the reply would run to 400 tokens); slack for a busy CPU.
-    assert local_model.get_num_tokens(saved[-1].content) < 60
+    assert local_model.get_num_tokens(saved[-1].content) < 40
 
 
 def test_a_non_streamed_client_that_leaves_frees_the_model_too(server) -> None:
@@ -457,7 +457,7 @@ def test_stop_saves_the_partial_reply_marked_interrupted_like_ctrl_c(server) -> 
     assert saved[-1].response_metadata["interrupted"] is True
     assert saved[-1].response_metadata["finish_reason"] == "interrupted"  # as Ctrl-C saves it
     tokens = sum(e["type"] == "token" for e in events)
-    assert tokens < 60  # stopped soon after (the reply would run to 200); slack for a busy CPU
+    assert tokens < 40  # stopped soon after (the reply would run to 200); slack for a busy CPU
     assert saved[-1].content == "".join(e["text"] for e in events if e["type"] == "token")
     page_view = httpx.get(f"{api}/messages").json()["messages"]
     assert page_view[-1]["interrupted"] is True
